@@ -1,0 +1,111 @@
+//! `Batch`: one fan-out, waiting to be consumed in the shape the caller wants.
+
+mod completed;
+mod engine;
+mod ordered;
+mod reorder;
+
+use std::fmt;
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+use serde::de::DeserializeOwned;
+
+pub use self::completed::AsCompleted;
+pub use self::ordered::InOrder;
+
+use self::engine::Core;
+use crate::error::Error;
+use crate::fanout::Shared;
+
+/// The requests for one set of ids, made by [`FanOut::fan_out`](crate::FanOut::fan_out).
+///
+/// A batch is lazy: nothing is sent until it is consumed by one of its four outputs.
+/// All four run the same engine (at most `concurrency` requests on the wire, each in its
+/// own Tokio task so it progresses while the consumer is busy, ids pulled only as slots
+/// free up) and give every id exactly one outcome. Dropping the batch, the stream made
+/// from it, or the future of a collecting output cancels the requests still running.
+///
+/// | output | order | memory | on failure |
+/// |---|---|---|---|
+/// | [`collect_ordered`](Batch::collect_ordered) | input | all results | kept in place |
+/// | [`try_collect_ordered`](Batch::try_collect_ordered) | input | all values | first error cancels the rest |
+/// | [`as_completed`](Batch::as_completed) | completion | in-flight only | yielded as an item |
+/// | [`in_order`](Batch::in_order) | input | bounded window | yielded as an item |
+///
+/// Batches must be consumed inside a Tokio runtime; elsewhere every id fails with
+/// [`ErrorKind::Runtime`](crate::ErrorKind::Runtime).
+#[must_use = "a batch sends nothing until it is consumed"]
+pub struct Batch<Id, T> {
+    core: Core<Id, T>,
+}
+
+impl<Id, T> Batch<Id, T>
+where
+    Id: fmt::Display + Send + 'static,
+    T: DeserializeOwned + Send + 'static,
+{
+    pub(crate) fn new(shared: Arc<Shared>, ids: BoxStream<'static, Id>) -> Self {
+        Batch {
+            core: Core::new(shared, ids),
+        }
+    }
+
+    /// One result per id, in input order, failures included: the equivalent of
+    /// `asyncio.gather(..., return_exceptions=True)`.
+    ///
+    /// ```no_run
+    /// # async fn run(players: fanout::FanOut<u32, serde_json::Value>) {
+    /// let results = players.fan_out(1..=1000).collect_ordered().await;
+    /// let failed = results.iter().filter(|r| r.is_err()).count();
+    /// println!("{} ok, {failed} failed", results.len() - failed);
+    /// # }
+    /// ```
+    pub async fn collect_ordered(self) -> Vec<Result<T, Error>> {
+        ordered::collect_ordered(self.core).await
+    }
+
+    /// Every value in input order, or the first error to happen (in time, not in input
+    /// order). That error cancels every request still running, unlike
+    /// `asyncio.gather`, which leaves them going.
+    ///
+    /// # Errors
+    ///
+    /// The first failing id's [`Error`], which names the id.
+    pub async fn try_collect_ordered(self) -> Result<Vec<T>, Error> {
+        ordered::try_collect_ordered(self.core).await
+    }
+
+    /// A stream of `(id, result)` as each request finishes: the equivalent of
+    /// `asyncio.as_completed`, with the id attached and memory bounded by the
+    /// concurrency.
+    ///
+    /// ```no_run
+    /// use futures::StreamExt;
+    /// # async fn run(players: fanout::FanOut<u32, serde_json::Value>) {
+    /// let mut done = players.fan_out(1..=1000).as_completed();
+    /// while let Some((id, result)) = done.next().await {
+    ///     match result {
+    ///         Ok(player) => println!("{id}: {player}"),
+    ///         Err(err) => eprintln!("{err}"),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn as_completed(self) -> AsCompleted<Id, T> {
+        AsCompleted::new(self.core)
+    }
+
+    /// A stream of `(id, result)` in input order, with bounded memory: at most
+    /// [`reorder_window`](crate::FanOutBuilder::reorder_window) results wait for a slow
+    /// head of the line. Suits writing results to an ordered sink as they arrive.
+    pub fn in_order(self) -> InOrder<Id, T> {
+        InOrder::new(self.core)
+    }
+}
+
+impl<Id, T> fmt::Debug for Batch<Id, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batch").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,206 @@
+//! The engine every output shares: admits ids as slots free up, runs one Tokio task
+//! per request, and hands back outcomes in completion order, tagged with their position.
+
+use std::fmt::{Display, Write as _};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::stream::{BoxStream, FuturesUnordered};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use tokio::runtime::Handle;
+use tokio::task::{JoinError, JoinHandle};
+
+use crate::error::{Error, ErrorKind};
+use crate::fanout::Shared;
+use crate::request::fetch;
+
+/// One id's outcome and its position in the input.
+pub(crate) struct Done<Id, T> {
+    pub(crate) seq: u64,
+    pub(crate) id: Id,
+    pub(crate) result: Result<T, Error>,
+}
+
+pub(crate) struct Core<Id, T> {
+    shared: Arc<Shared>,
+    /// `None` once the input is exhausted.
+    ids: Option<BoxStream<'static, Id>>,
+    running: FuturesUnordered<Running<Id, T>>,
+    next_seq: u64,
+    /// Looked up on first poll, so that building a batch needs no runtime.
+    runtime: Option<Result<Handle, ()>>,
+    /// Scratch space reused for every id's `Display` form and rendered URL.
+    id_text: String,
+    url_text: String,
+}
+
+impl<Id, T> Core<Id, T>
+where
+    Id: Display + Send + 'static,
+    T: DeserializeOwned + Send + 'static,
+{
+    pub(crate) fn new(shared: Arc<Shared>, ids: BoxStream<'static, Id>) -> Self {
+        Core {
+            shared,
+            ids: Some(ids),
+            running: FuturesUnordered::new(),
+            next_seq: 0,
+            runtime: None,
+            id_text: String::new(),
+            url_text: String::new(),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// The next outcome to finish. New ids are admitted while fewer than `concurrency`
+    /// are running and their position is below `admit_below` (the in-order output's
+    /// window; `u64::MAX` for none).
+    pub(crate) fn poll_done(
+        &mut self,
+        cx: &mut Context<'_>,
+        admit_below: u64,
+    ) -> Poll<Option<Done<Id, T>>> {
+        self.admit(cx, admit_below);
+        match self.running.poll_next_unpin(cx) {
+            Poll::Ready(Some(done)) => {
+                // Refill the freed slot now rather than on the consumer's next poll.
+                self.admit(cx, admit_below);
+                Poll::Ready(Some(done))
+            }
+            Poll::Ready(None) if self.ids.is_none() => Poll::Ready(None),
+            // Nothing running: the input is pending (its waker is registered) or the
+            // caller's window is full, which it resolves before polling again.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Bounds on how many outcomes are still to come.
+    pub(crate) fn size_hint(&self) -> (usize, Option<usize>) {
+        let (low, high) = self.ids.as_ref().map_or((0, Some(0)), |ids| ids.size_hint());
+        let running = self.running.len();
+        (
+            low.saturating_add(running),
+            high.and_then(|h| h.checked_add(running)),
+        )
+    }
+
+    fn admit(&mut self, cx: &mut Context<'_>, admit_below: u64) {
+        while self.running.len() < self.shared.concurrency && self.next_seq < admit_below {
+            let Some(ids) = self.ids.as_mut() else { return };
+            let id = match ids.poll_next_unpin(cx) {
+                Poll::Ready(Some(id)) => id,
+                Poll::Ready(None) => {
+                    self.ids = None;
+                    return;
+                }
+                Poll::Pending => return,
+            };
+            let state = self.start(&id);
+            self.running.push(Running {
+                seq: self.next_seq,
+                id: Some(id),
+                state,
+            });
+            self.next_seq += 1;
+        }
+    }
+
+    /// Renders the id's URL and spawns its request, or returns why it cannot run.
+    fn start(&mut self, id: &Id) -> State<T> {
+        let runtime = match self.runtime.get_or_insert_with(|| Handle::try_current().map_err(drop)) {
+            Ok(runtime) => runtime,
+            Err(()) => {
+                return State::Failed(Some(Error::new(
+                    ErrorKind::Runtime,
+                    "fanout's batches must be polled inside a Tokio runtime",
+                )));
+            }
+        };
+        self.id_text.clear();
+        // Writing to a String only fails if the `Display` impl itself reports an error.
+        if write!(self.id_text, "{id}").is_err() {
+            return State::Failed(Some(Error::new(
+                ErrorKind::InvalidId,
+                "the id's Display implementation returned an error",
+            )));
+        }
+        match self.shared.template.render(&self.id_text, &mut self.url_text) {
+            Ok(url) => {
+                let shared = Arc::clone(&self.shared);
+                State::Task(runtime.spawn(async move { fetch(&shared, url).await }))
+            }
+            Err(err) => State::Failed(Some(err)),
+        }
+    }
+}
+
+/// One admitted id: its running task, or an outcome decided without sending anything.
+struct Running<Id, T> {
+    seq: u64,
+    id: Option<Id>,
+    state: State<T>,
+}
+
+enum State<T> {
+    Task(JoinHandle<Result<T, Error>>),
+    Failed(Option<Error>),
+}
+
+// No field is structurally pinned: the `JoinHandle` is `Unpin`, and `id` is only moved out.
+impl<Id, T> Unpin for Running<Id, T> {}
+
+impl<Id: Display, T> Future for Running<Id, T> {
+    type Output = Done<Id, T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = match &mut self.state {
+            State::Task(handle) => match Pin::new(handle).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(result)) => result,
+                Poll::Ready(Err(err)) => Err(join_failure(err)),
+            },
+            State::Failed(err) => Err(err
+                .take()
+                .unwrap_or_else(|| Error::new(ErrorKind::Runtime, "outcome already taken"))),
+        };
+        let seq = self.seq;
+        let Some(id) = self.id.take() else {
+            // FuturesUnordered never polls a future again after it completed.
+            return Poll::Pending;
+        };
+        let result = result.map_err(|err| err.with_id(&id));
+        Poll::Ready(Done { seq, id, result })
+    }
+}
+
+impl<Id, T> Drop for Running<Id, T> {
+    fn drop(&mut self) {
+        // Dropping a batch or its stream cancels the requests still on the wire.
+        if let State::Task(handle) = &self.state {
+            handle.abort();
+        }
+    }
+}
+
+fn join_failure(err: JoinError) -> Error {
+    if err.is_panic() {
+        let payload = err.into_panic();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic with a non-string payload".to_owned());
+        Error::new(ErrorKind::Panic, message)
+    } else {
+        Error::new(
+            ErrorKind::Runtime,
+            "the Tokio runtime shut down before the request finished",
+        )
+    }
+}

@@ -1,0 +1,292 @@
+//! `FanOutBuilder`: every setting of a `FanOut`, validated in one place.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::Semaphore;
+
+use crate::error::{Error, ErrorKind};
+use crate::fanout::{FanOut, Shared};
+use crate::template::UrlTemplate;
+
+const DEFAULT_CONCURRENCY: usize = 16;
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+const REORDER_WINDOW_PER_SLOT: usize = 4;
+const USER_AGENT: &str = concat!("fanout/", env!("CARGO_PKG_VERSION"));
+
+/// Configures a [`FanOut`]. Made by [`FanOut::builder`].
+///
+/// Setters take and return the builder by value and never fail; every check happens in
+/// [`build`](FanOutBuilder::build), which lists them.
+///
+/// ```
+/// use std::time::Duration;
+/// use fanout::FanOut;
+///
+/// #[derive(serde::Deserialize)]
+/// struct Player { id: u64, name: String }
+///
+/// let players = FanOut::<u64, Player>::builder()
+///     .detail_url("https://api.example.com/players/{id}")
+///     .query(&[("include", "stats")])
+///     .bearer_auth("s3cret")
+///     .concurrency(32)
+///     .timeout(Duration::from_secs(10))
+///     .build()?;
+/// # Ok::<(), fanout::Error>(())
+/// ```
+#[must_use = "a builder does nothing until `.build()` is called"]
+pub struct FanOutBuilder<Id, T> {
+    client: Option<reqwest::Client>,
+    detail_url: Option<String>,
+    concurrency: usize,
+    timeout: Duration,
+    max_body_bytes: usize,
+    reorder_window: Option<usize>,
+    headers: HeaderMap,
+    query: Vec<(String, String)>,
+    /// The first bad header, reported by `build()` so that setters never fail.
+    header_error: Option<Error>,
+    _types: PhantomData<fn(Id) -> T>,
+}
+
+impl<Id, T> FanOutBuilder<Id, T> {
+    pub(crate) fn new() -> Self {
+        FanOutBuilder {
+            client: None,
+            detail_url: None,
+            concurrency: DEFAULT_CONCURRENCY,
+            timeout: DEFAULT_TIMEOUT,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            reorder_window: None,
+            headers: HeaderMap::new(),
+            query: Vec::new(),
+            header_error: None,
+            _types: PhantomData,
+        }
+    }
+
+    /// Uses this `reqwest::Client` (its pool, TLS, proxy and default headers) for every
+    /// request.
+    ///
+    /// Default: a client made by `fanout`, with reqwest's defaults and a
+    /// `fanout/<version>` user agent.
+    pub fn client(mut self, client: reqwest::Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// The URL of one record, with `{id}` where the id goes, e.g.
+    /// `https://api.example.com/players/{id}` or `https://api.example.com/v1/item?id={id}`.
+    ///
+    /// `{id}` may appear in the path and the query string, more than once. `{{` and `}}`
+    /// are literal braces. The id is percent-encoded for where it lands, so an id such
+    /// as `../admin`, `a/b` or `x?y#z` stays inside its one path segment or query value;
+    /// an id that would make a whole path segment empty, `.` or `..` fails with
+    /// [`ErrorKind::InvalidId`] without being sent.
+    ///
+    /// Required: there is no default.
+    pub fn detail_url(mut self, template: &str) -> Self {
+        self.detail_url = Some(template.to_owned());
+        self
+    }
+
+    /// At most this many requests are on the wire at once, across all batches and
+    /// clones of the built `FanOut`. Ids are taken from the input only as slots free up.
+    ///
+    /// Default: 16.
+    pub fn concurrency(mut self, limit: usize) -> Self {
+        self.concurrency = limit;
+        self
+    }
+
+    /// Time allowed for one attempt, from connecting until the body has been read.
+    ///
+    /// Default: 30 seconds.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Largest response body read, in bytes. A larger (or endless) body fails that id
+    /// with [`ErrorKind::TooLarge`]; reading stops at the cap.
+    ///
+    /// Default: 16 MiB.
+    pub fn max_body_bytes(mut self, limit: usize) -> Self {
+        self.max_body_bytes = limit;
+        self
+    }
+
+    /// How far [`Batch::in_order`](crate::Batch::in_order) may run ahead of the
+    /// slowest unfinished id: at most this many ids are admitted but not yet handed
+    /// out. While the head of the line is slow, new ids wait rather than results piling
+    /// up. Values below the concurrency limit the in-order stream to fewer requests.
+    ///
+    /// Default: 4 × the concurrency.
+    pub fn reorder_window(mut self, ids: usize) -> Self {
+        self.reorder_window = Some(ids);
+        self
+    }
+
+    /// Adds a header to every request. Repeating a name sends it more than once.
+    ///
+    /// Default: only `Accept: application/json` (replaced if you set `Accept`).
+    pub fn header<V>(mut self, name: impl AsRef<str>, value: V) -> Self
+    where
+        V: TryInto<HeaderValue>,
+        V::Error: fmt::Display,
+    {
+        let name_text = name.as_ref();
+        let name = match HeaderName::from_bytes(name_text.as_bytes()) {
+            Ok(name) => name,
+            Err(err) => {
+                return self.header_failed(format!(
+                    "{name_text:?} is not a valid header name ({err}); use letters, digits and `-`"
+                ));
+            }
+        };
+        match value.try_into() {
+            Ok(value) => {
+                self.headers.append(name, value);
+                self
+            }
+            // The value is not echoed: headers often carry secrets.
+            Err(err) => self.header_failed(format!(
+                "the value of header `{name}` is not valid ({err}); header values are \
+                 visible ASCII without control characters or line breaks"
+            )),
+        }
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request. The header is marked
+    /// sensitive, and the token never appears in errors or `Debug` output.
+    ///
+    /// Default: no authorization.
+    pub fn bearer_auth(mut self, token: impl fmt::Display) -> Self {
+        match HeaderValue::try_from(format!("Bearer {token}")) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                self.headers.insert(AUTHORIZATION, value);
+                self
+            }
+            Err(_) => self.header_failed(
+                "the bearer token is not a valid header value; it must be visible ASCII \
+                 without spaces, control characters or line breaks"
+                    .to_owned(),
+            ),
+        }
+    }
+
+    /// Appends these query parameters (URL-encoded) to every request, after any query
+    /// the template has. Can be called more than once.
+    ///
+    /// Default: none.
+    pub fn query<K: fmt::Display, V: fmt::Display>(mut self, pairs: &[(K, V)]) -> Self {
+        self.query
+            .extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    fn header_failed(mut self, message: String) -> Self {
+        self.header_error
+            .get_or_insert_with(|| Error::new(ErrorKind::InvalidHeader, message));
+        self
+    }
+
+    /// Checks every setting and builds the [`FanOut`].
+    ///
+    /// # Errors
+    ///
+    /// - [`ErrorKind::InvalidTemplate`]: no `detail_url` was given, or it has no `{id}`,
+    ///   an unknown placeholder such as `{name}`, an unbalanced `{` or `}`, is relative
+    ///   or not http(s), has no host, or puts `{id}` outside the path and query.
+    /// - [`ErrorKind::InvalidHeader`]: a `header` name or value, or the `bearer_auth`
+    ///   token, is not valid HTTP (the first such problem is reported).
+    /// - [`ErrorKind::InvalidConfig`]: `concurrency`, `max_body_bytes` or
+    ///   `reorder_window` is 0, `concurrency` exceeds 2<sup>60</sup>, `timeout` is zero,
+    ///   or the default HTTP client cannot be created.
+    pub fn build(self) -> Result<FanOut<Id, T>, Error> {
+        if let Some(err) = self.header_error {
+            return Err(err);
+        }
+        let Some(detail_url) = &self.detail_url else {
+            return Err(Error::new(
+                ErrorKind::InvalidTemplate,
+                "no detail URL; call .detail_url(\"https://api.example.com/items/{id}\")",
+            ));
+        };
+        let template = UrlTemplate::parse(detail_url, &self.query)?;
+
+        if self.concurrency == 0 {
+            return Err(config("concurrency must be at least 1"));
+        }
+        if self.concurrency > Semaphore::MAX_PERMITS {
+            return Err(config(format!(
+                "concurrency {} is too large; the most is {}",
+                self.concurrency,
+                Semaphore::MAX_PERMITS
+            )));
+        }
+        if self.timeout.is_zero() {
+            return Err(config(
+                "timeout must be longer than zero; it bounds each attempt",
+            ));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(config("max_body_bytes must be at least 1"));
+        }
+        let reorder_window = match self.reorder_window {
+            Some(0) => return Err(config("reorder_window must be at least 1")),
+            Some(ids) => ids,
+            None => self.concurrency.saturating_mul(REORDER_WINDOW_PER_SLOT),
+        };
+
+        let client = match self.client {
+            Some(client) => client,
+            None => reqwest::Client::builder()
+                .user_agent(USER_AGENT)
+                .build()
+                .map_err(|err| {
+                    config("the default HTTP client could not be created").with_source(err)
+                })?,
+        };
+        let mut headers = self.headers;
+        if !headers.contains_key(ACCEPT) {
+            headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        }
+
+        Ok(FanOut::from_shared(Arc::new(Shared {
+            client,
+            template,
+            headers,
+            timeout: self.timeout,
+            max_body_bytes: self.max_body_bytes,
+            concurrency: self.concurrency,
+            reorder_window,
+            slots: Semaphore::new(self.concurrency),
+        })))
+    }
+}
+
+fn config(message: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidConfig, message)
+}
+
+impl<Id, T> fmt::Debug for FanOutBuilder<Id, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FanOutBuilder")
+            .field("detail_url", &self.detail_url)
+            .field("concurrency", &self.concurrency)
+            .field("timeout", &self.timeout)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("reorder_window", &self.reorder_window)
+            // HeaderMap's Debug prints sensitive values as `Sensitive`.
+            .field("headers", &self.headers)
+            .field("query", &self.query.len())
+            .finish_non_exhaustive()
+    }
+}

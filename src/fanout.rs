@@ -1,0 +1,104 @@
+//! `FanOut`: the configured client that turns ids into batches of requests.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::header::HeaderMap;
+use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
+
+use crate::batch::Batch;
+use crate::builder::FanOutBuilder;
+use crate::template::UrlTemplate;
+
+/// Fetches one JSON record per id from a detail endpoint, many at a time.
+///
+/// Build one with [`FanOut::builder`], then call [`fan_out`](FanOut::fan_out) with the
+/// ids and pick how to receive the results from the returned [`Batch`].
+///
+/// `FanOut` is cheap to clone (an `Arc` inside). Clones share one concurrency limit:
+/// the limit belongs to the API being called, not to one call.
+///
+/// `Id` is anything with a `Display` form to put in the URL (numbers, strings, your own
+/// types); `T` is what each response body is decoded into.
+pub struct FanOut<Id, T> {
+    shared: Arc<Shared>,
+    _types: PhantomData<fn(Id) -> T>,
+}
+
+/// The settings and state that every request of every batch reads.
+pub(crate) struct Shared {
+    pub(crate) client: reqwest::Client,
+    pub(crate) template: UrlTemplate,
+    pub(crate) headers: HeaderMap,
+    pub(crate) timeout: Duration,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) concurrency: usize,
+    pub(crate) reorder_window: usize,
+    /// One permit per request on the wire, shared by all batches and clones.
+    pub(crate) slots: Semaphore,
+}
+
+impl<Id, T> FanOut<Id, T> {
+    /// Starts configuring a `FanOut`. See [`FanOutBuilder`] for the settings.
+    pub fn builder() -> FanOutBuilder<Id, T> {
+        FanOutBuilder::new()
+    }
+
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Self {
+        FanOut {
+            shared,
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<Id, T> FanOut<Id, T>
+where
+    Id: fmt::Display + Clone + Send + Sync + 'static,
+    T: DeserializeOwned + Send + 'static,
+{
+    /// Prepares one request per id. Nothing is sent until the returned [`Batch`] is
+    /// consumed, and `ids` is pulled only as slots free up: a million ids never become a
+    /// million pending requests, so memory stays proportional to the concurrency.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), fanout::Error> {
+    /// # #[derive(serde::Deserialize)] struct Player;
+    /// let players = fanout::FanOut::<u32, Player>::builder()
+    ///     .detail_url("https://api.example.com/players/{id}")
+    ///     .build()?;
+    /// let all: Vec<Player> = players.fan_out(1..=10_000).try_collect_ordered().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn fan_out<I>(&self, ids: I) -> Batch<Id, T>
+    where
+        I: IntoIterator<Item = Id>,
+        I::IntoIter: Send + 'static,
+    {
+        Batch::new(
+            Arc::clone(&self.shared),
+            futures::stream::iter(ids).boxed(),
+        )
+    }
+}
+
+impl<Id, T> Clone for FanOut<Id, T> {
+    fn clone(&self) -> Self {
+        FanOut::from_shared(Arc::clone(&self.shared))
+    }
+}
+
+impl<Id, T> fmt::Debug for FanOut<Id, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FanOut")
+            .field("detail_url", &self.shared.template)
+            .field("concurrency", &self.shared.concurrency)
+            .field("timeout", &self.shared.timeout)
+            .field("max_body_bytes", &self.shared.max_body_bytes)
+            .finish_non_exhaustive()
+    }
+}

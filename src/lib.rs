@@ -1,0 +1,93 @@
+//! Call a detail endpoint once per id — thousands to millions of times — with a cap on
+//! concurrent requests, results in input order or as they complete, and one typed
+//! error per failed id that says which id, which URL and what went wrong.
+//!
+//! `fanout` replaces the hand-rolled `asyncio.gather` + semaphore loop (or its Rust
+//! twin, `buffer_unordered`) with one that gets the details right: ids are pulled
+//! lazily so memory stays flat however many there are; every request runs in its own
+//! Tokio task and is cancelled when the results are dropped; ids are percent-encoded so
+//! no id can change the URL; bodies are read under a size cap; and every id ends in
+//! exactly one outcome.
+//!
+//! # Example
+//!
+//! ```
+//! use fanout::FanOut;
+//! use futures::StreamExt;
+//!
+//! #[derive(Debug, serde::Deserialize)]
+//! struct Video {
+//!     id: String,
+//!     views: u64,
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), fanout::Error> {
+//! # let server = wiremock::MockServer::start().await;
+//! # wiremock::Mock::given(wiremock::matchers::any())
+//! #     .respond_with(|req: &wiremock::Request| {
+//! #         let id = req.url.path().rsplit('/').next().unwrap().to_owned();
+//! #         wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({"id": id, "views": 7}))
+//! #     })
+//! #     .mount(&server)
+//! #     .await;
+//! # let api = server.uri();
+//! let videos = FanOut::<String, Video>::builder()
+//!     .detail_url(&format!("{api}/videos/{{id}}")) // e.g. https://api.example.com/videos/{id}
+//!     .concurrency(10)
+//!     .build()?;
+//!
+//! let ids = vec!["student".to_owned(), "draw".to_owned(), "yes".to_owned()];
+//!
+//! // gather-style: one result per id, in input order, failures included.
+//! let all: Vec<Result<Video, fanout::Error>> = videos.fan_out(ids.clone()).collect_ordered().await;
+//! assert_eq!(all[1].as_ref().unwrap().id, "draw");
+//!
+//! // as_completed-style: (id, result) pairs as they finish.
+//! let mut done = videos.fan_out(ids).as_completed();
+//! while let Some((id, result)) = done.next().await {
+//!     match result {
+//!         Ok(video) => println!("{id}: {} views", video.views),
+//!         Err(err) => eprintln!("{err}"), // names the id, the URL and the cause
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How a request runs
+//!
+//! For each id: take a concurrency slot → send (with the configured headers, query and
+//! per-attempt timeout) → read the body, stopping at the size cap → decode the JSON
+//! into `T` → release the slot. Non-2xx answers, transport failures, oversized bodies
+//! and undecodable JSON each become an [`Error`] of their own [`ErrorKind`].
+//!
+//! # Choosing an output
+//!
+//! See [`Batch`]: [`collect_ordered`](Batch::collect_ordered),
+//! [`try_collect_ordered`](Batch::try_collect_ordered),
+//! [`as_completed`](Batch::as_completed) and [`in_order`](Batch::in_order).
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod batch;
+mod builder;
+mod error;
+mod fanout;
+mod request;
+mod template;
+
+pub use crate::batch::{AsCompleted, Batch, InOrder};
+pub use crate::builder::FanOutBuilder;
+pub use crate::error::{Error, ErrorKind};
+pub use crate::fanout::FanOut;
+
+/// The `reqwest` crate `fanout` is built with, so that a client you pass to
+/// [`FanOutBuilder::client`] is of the same version.
+pub use reqwest;

@@ -1,0 +1,170 @@
+//! One request: take a slot, send, read the body under the size cap, decode.
+
+use bytes::{Bytes, BytesMut};
+use reqwest::{Method, Response};
+use serde::de::DeserializeOwned;
+use url::Url;
+
+use crate::error::{Error, ErrorKind};
+use crate::fanout::Shared;
+
+/// How much of an error response's body is read, for the message, before giving up
+/// on it. Reading small error bodies to the end lets the connection be reused.
+const ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// Fetches and decodes the record at `url`.
+pub(crate) async fn fetch<T: DeserializeOwned>(shared: &Shared, url: Url) -> Result<T, Error> {
+    // The semaphore is never closed, so acquiring only fails if that invariant breaks.
+    let _slot = shared
+        .slots
+        .acquire()
+        .await
+        .map_err(|_| Error::new(ErrorKind::Runtime, "the concurrency limiter was closed"))?;
+
+    let mut request = reqwest::Request::new(Method::GET, url);
+    *request.headers_mut() = shared.headers.clone();
+    *request.timeout_mut() = Some(shared.timeout);
+
+    let mut response = shared.client.execute(request).await.map_err(|err| {
+        let url = err.url().cloned();
+        classify(err, url, false)
+    })?;
+
+    let status = response.status();
+    if !status.is_success() {
+        let cap = shared.max_body_bytes.min(ERROR_BODY_BYTES);
+        // The status is the error; a body that is too long or breaks off only shortens
+        // the snippet.
+        let body = read_capped(&mut response, cap).await.unwrap_or_default();
+        return Err(
+            Error::request(ErrorKind::Status, response.url().clone(), "")
+                .with_status(status)
+                .with_body(&body),
+        );
+    }
+
+    let body = read_capped(&mut response, shared.max_body_bytes)
+        .await
+        .map_err(|failure| match failure {
+            ReadFailure::TooLarge(message) => {
+                Error::request(ErrorKind::TooLarge, response.url().clone(), message)
+                    .with_status(status)
+            }
+            ReadFailure::Transport(err) => {
+                classify(err, Some(response.url().clone()), true).with_status(status)
+            }
+        })?;
+
+    decode(&body).map_err(|message| {
+        Error::request(ErrorKind::Decode, response.url().clone(), message)
+            .with_status(status)
+            .with_body(&body)
+    })
+}
+
+fn classify(err: reqwest::Error, url: Option<Url>, reading_body: bool) -> Error {
+    match url {
+        Some(url) => Error::from_reqwest(err, url, reading_body),
+        None => Error::new(ErrorKind::Request, err.to_string()).with_source(err),
+    }
+}
+
+enum ReadFailure {
+    TooLarge(String),
+    Transport(reqwest::Error),
+}
+
+/// Reads the whole body, failing as soon as it is known to exceed `cap` bytes: from
+/// `Content-Length` before reading anything, otherwise once the bytes read pass the cap.
+async fn read_capped(response: &mut Response, cap: usize) -> Result<Bytes, ReadFailure> {
+    let declared = response.content_length();
+    if let Some(len) = declared.filter(|&len| len > cap as u64) {
+        return Err(ReadFailure::TooLarge(format!(
+            "Content-Length is {len} bytes; the limit is {cap} (see max_body_bytes)"
+        )));
+    }
+    let too_large = || {
+        ReadFailure::TooLarge(format!(
+            "the body is longer than the limit of {cap} bytes (see max_body_bytes)"
+        ))
+    };
+
+    // Most bodies arrive as one chunk: hand it over without copying.
+    let Some(first) = next_chunk(response).await? else {
+        return Ok(Bytes::new());
+    };
+    if first.len() > cap {
+        return Err(too_large());
+    }
+    let Some(second) = next_chunk(response).await? else {
+        return Ok(first);
+    };
+
+    let expected = declared.map_or(0, |len| len as usize);
+    let mut body = BytesMut::with_capacity(expected.max(first.len() + second.len()));
+    body.extend_from_slice(&first);
+    let mut chunk = second;
+    loop {
+        if body.len() + chunk.len() > cap {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+        match next_chunk(response).await? {
+            Some(next) => chunk = next,
+            None => return Ok(body.freeze()),
+        }
+    }
+}
+
+async fn next_chunk(response: &mut Response) -> Result<Option<Bytes>, ReadFailure> {
+    response.chunk().await.map_err(ReadFailure::Transport)
+}
+
+/// Decodes `body` as JSON into `T`. On failure the message names the path inside the
+/// document where decoding stopped (`data.items[3].views`), which plain serde_json
+/// errors do not; that slower second pass runs only for bodies that failed.
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let err = match serde_json::from_slice(body) {
+        Ok(value) => return Ok(value),
+        Err(err) => err,
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Err(traced) if traced.path().iter().next().is_some() => {
+            Err(format!("at `{}`: {}", traced.path(), traced.inner()))
+        }
+        _ => Err(err.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Video {
+        id: String,
+        stats: Stats,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Stats {
+        views: u64,
+    }
+
+    #[test]
+    fn decode_errors_name_the_path() {
+        let err = decode::<Video>(br#"{"id":"a","stats":{"views":"many"}}"#).unwrap_err();
+        assert!(err.starts_with("at `stats.views`: invalid type: string"), "{err}");
+    }
+
+    #[test]
+    fn decode_errors_without_a_path_keep_serde_json_message() {
+        let err = decode::<Video>(b"not json").unwrap_err();
+        assert!(err.starts_with("expected ident at line 1 column 2"), "{err}");
+        let err = decode::<Vec<u8>>(b"[1,2] trailing").unwrap_err();
+        assert!(err.contains("trailing characters"), "{err}");
+    }
+}

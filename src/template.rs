@@ -1,0 +1,383 @@
+//! Detail-URL templates: `https://api.example.com/players/{id}?expand={id}`.
+//!
+//! A template is checked and normalised once, when the `FanOut` is built, into literal
+//! pieces and holes. Rendering an id only percent-encodes it between the pieces; the one
+//! parse per id is `url`'s construction of the final [`Url`], which reqwest needs.
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use url::{Position, Url};
+
+use crate::error::{Error, ErrorKind};
+
+/// Everything but RFC 3986's unreserved characters is encoded, so an id can never add a
+/// path segment, start a query or fragment, or reach the authority: `/ ? # @ % + & =`,
+/// spaces, control characters and non-ASCII all become `%XX`.
+const ID: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+const PLACEHOLDER: &str = "id";
+
+pub(crate) struct UrlTemplate {
+    /// `holes + 1` literal pieces, already normalised by the URL parser.
+    pieces: Vec<Box<str>>,
+    /// Path segments made of holes and dots only, where some ids would make the segment
+    /// empty, `.` or `..` and so change which resource the URL names.
+    dot_segments: Vec<DotSegment>,
+    literal_len: usize,
+}
+
+impl std::fmt::Debug for UrlTemplate {
+    /// The normalised template, `{id}` marking the holes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = self.pieces.join("{id}");
+        std::fmt::Debug::fmt(&text, f)
+    }
+}
+
+/// A path segment whose literal text is only dots (usually none: `/{id}/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DotSegment {
+    literal_dots: usize,
+    holes: usize,
+}
+
+impl DotSegment {
+    fn rejects(self, id: &str) -> bool {
+        id.bytes().all(|b| b == b'.') && self.literal_dots + self.holes * id.len() <= 2
+    }
+}
+
+impl UrlTemplate {
+    /// Checks and normalises `template`, appending `query` pairs to its query string.
+    pub(crate) fn parse(template: &str, query: &[(String, String)]) -> Result<Self, Error> {
+        let raw_pieces = split_placeholders(template)?;
+        let holes = raw_pieces.len() - 1;
+        if holes == 0 {
+            return Err(invalid(
+                template,
+                "it has no `{id}` placeholder; write one where the id goes, \
+                 e.g. https://api.example.com/items/{id}",
+            ));
+        }
+
+        let sentinel = sentinel_for(template);
+        let mut url = parse_absolute(template, &raw_pieces.join(&sentinel))?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+
+        let serialized = url.as_str();
+        let path = url[..Position::BeforePath].len()..url[..Position::AfterPath].len();
+        let query_range = url[..Position::BeforeQuery].len()..url[..Position::AfterQuery].len();
+        let found: Vec<usize> = serialized
+            .match_indices(sentinel.as_str())
+            .map(|(at, _)| at)
+            .collect();
+        if found.len() != holes {
+            return Err(invalid(
+                template,
+                "a `{id}` is removed by a `.` or `..` path segment next to it",
+            ));
+        }
+        if let Some(&at) = found
+            .iter()
+            .find(|&&at| !path.contains(&at) && !query_range.contains(&at))
+        {
+            let place = if at < path.start {
+                "the scheme, user info, host or port"
+            } else {
+                "the fragment"
+            };
+            return Err(invalid(
+                template,
+                &format!(
+                    "`{{id}}` may only appear in the path or the query string, not in {place}"
+                ),
+            ));
+        }
+
+        let mut pieces = Vec::with_capacity(holes + 1);
+        let mut start = 0;
+        for &at in &found {
+            pieces.push(serialized[start..at].into());
+            start = at + sentinel.len();
+        }
+        pieces.push(serialized[start..].into());
+
+        let dot_segments = dot_segments(&serialized[path], &sentinel);
+        let literal_len = pieces.iter().map(|p: &Box<str>| p.len()).sum();
+        Ok(UrlTemplate {
+            pieces,
+            dot_segments,
+            literal_len,
+        })
+    }
+
+    /// Renders the URL for `id` (the id's `Display` form) into `buf`, then parses it.
+    ///
+    /// `buf` is scratch space the caller reuses between ids.
+    pub(crate) fn render(&self, id: &str, buf: &mut String) -> Result<Url, Error> {
+        if let Some(segment) = self.dot_segments.iter().find(|s| s.rejects(id)) {
+            let what = if segment.literal_dots + id.len() * segment.holes == 0 {
+                "an empty path segment"
+            } else {
+                "a `.` or `..` path segment"
+            };
+            return Err(Error::new(
+                ErrorKind::InvalidId,
+                format!("it would make {what}, which changes the URL's path"),
+            ));
+        }
+
+        buf.clear();
+        buf.reserve(self.literal_len + 3 * id.len() * (self.pieces.len() - 1));
+        let (last, rest) = self.pieces.split_last().expect("a template has pieces");
+        for piece in rest {
+            buf.push_str(piece);
+            buf.extend(utf8_percent_encode(id, ID));
+        }
+        buf.push_str(last);
+
+        match Url::parse(buf) {
+            // The parser must take the rendered text as it is: any change means the id
+            // altered the URL's structure, which the encoding above is meant to prevent.
+            Ok(url) if url.as_str() == buf.as_str() => Ok(url),
+            _ => Err(Error::new(
+                ErrorKind::InvalidId,
+                format!("the rendered URL {buf:?} does not keep the template's structure"),
+            )),
+        }
+    }
+}
+
+/// Splits at `{id}` placeholders, unescaping `{{` and `}}`.
+fn split_placeholders(template: &str) -> Result<Vec<String>, Error> {
+    let mut pieces = vec![String::new()];
+    let mut chars = template.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        match c {
+            '{' if chars.next_if(|&(_, c)| c == '{').is_some() => push(&mut pieces, '{'),
+            '}' if chars.next_if(|&(_, c)| c == '}').is_some() => push(&mut pieces, '}'),
+            '{' => {
+                let rest = &template[at + 1..];
+                let Some(len) = rest.find(['{', '}']).filter(|&i| rest[i..].starts_with('}'))
+                else {
+                    return Err(invalid(
+                        template,
+                        &format!(
+                            "the `{{` at byte {at} is not closed; write `{{{{` for a literal brace"
+                        ),
+                    ));
+                };
+                let name = &rest[..len];
+                if name != PLACEHOLDER {
+                    return Err(invalid(
+                        template,
+                        &format!(
+                            "unknown placeholder `{{{name}}}`; the only placeholder is `{{id}}` \
+                             (write `{{{{` and `}}}}` for literal braces)"
+                        ),
+                    ));
+                }
+                for _ in 0..=len {
+                    chars.next();
+                }
+                pieces.push(String::new());
+            }
+            '}' => {
+                return Err(invalid(
+                    template,
+                    &format!("the `}}` at byte {at} has no opening `{{`; write `}}}}` for a literal brace"),
+                ));
+            }
+            c => push(&mut pieces, c),
+        }
+    }
+    Ok(pieces)
+}
+
+fn push(pieces: &mut [String], c: char) {
+    if let Some(last) = pieces.last_mut() {
+        last.push(c);
+    }
+}
+
+/// An alphanumeric marker that the URL parser leaves alone and the template does not contain.
+fn sentinel_for(template: &str) -> String {
+    let lower = template.to_ascii_lowercase();
+    (0u32..)
+        .map(|n| format!("fanouthole{n}x"))
+        .find(|s| !lower.contains(s.as_str()))
+        .expect("some marker is absent from a finite template")
+}
+
+fn parse_absolute(template: &str, text: &str) -> Result<Url, Error> {
+    let url = Url::parse(text).map_err(|err| match err {
+        url::ParseError::RelativeUrlWithoutBase => invalid(
+            template,
+            "it is a relative URL; give an absolute http(s) URL such as \
+             https://api.example.com/items/{id}",
+        ),
+        err => invalid(template, &format!("it is not a valid URL ({err})")),
+    })?;
+    match url.scheme() {
+        "http" | "https" if url.has_host() => Ok(url),
+        "http" | "https" => Err(invalid(template, "it has no host")),
+        scheme => Err(invalid(
+            template,
+            &format!("its scheme is `{scheme}`; only http and https are supported"),
+        )),
+    }
+}
+
+fn dot_segments(path: &str, sentinel: &str) -> Vec<DotSegment> {
+    path.split('/')
+        .filter_map(|segment| {
+            let holes = segment.matches(sentinel).count();
+            let literal = segment.replace(sentinel, "");
+            (holes > 0 && literal.bytes().all(|b| b == b'.')).then_some(DotSegment {
+                literal_dots: literal.len(),
+                holes,
+            })
+        })
+        .collect()
+}
+
+fn invalid(template: &str, why: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidTemplate,
+        format!("detail URL template {template:?}: {why}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(template: &str, id: &str) -> Result<String, Error> {
+        let t = UrlTemplate::parse(template, &[])?;
+        t.render(id, &mut String::new()).map(|u| u.to_string())
+    }
+
+    fn parse_err(template: &str) -> String {
+        let err = UrlTemplate::parse(template, &[]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidTemplate, "{err}");
+        err.to_string()
+    }
+
+    #[test]
+    fn renders_in_path_and_query_more_than_once() {
+        assert_eq!(
+            render("http://h.test/items/{id}?q={id}&x=1", "42").unwrap(),
+            "http://h.test/items/42?q=42&x=1"
+        );
+        assert_eq!(
+            render("https://h.test/a/{id}.json", "7").unwrap(),
+            "https://h.test/a/7.json"
+        );
+    }
+
+    #[test]
+    fn hostile_ids_stay_inside_one_segment_or_value() {
+        let cases = [
+            ("../admin", "..%2Fadmin"),
+            ("a/b", "a%2Fb"),
+            ("x?y#z", "x%3Fy%23z"),
+            ("名前", "%E5%90%8D%E5%89%8D"),
+            ("with space", "with%20space"),
+            ("@evil.test", "%40evil.test"),
+            ("%2F", "%252F"),
+            ("a\\b", "a%5Cb"),
+            ("tab\tnl\n", "tab%09nl%0A"),
+            ("a+b&c=d", "a%2Bb%26c%3Dd"),
+        ];
+        for (id, encoded) in cases {
+            assert_eq!(
+                render("http://h.test/items/{id}?q={id}", id).unwrap(),
+                format!("http://h.test/items/{encoded}?q={encoded}"),
+                "id {id:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn dot_and_empty_segments_are_refused() {
+        for id in ["", ".", ".."] {
+            let err = render("http://h.test/items/{id}/details", id).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidId, "id {id:?}");
+        }
+        let err = render("http://h.test/items/.{id}", ".").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidId);
+        // Not a whole segment, or in the query: harmless.
+        assert_eq!(
+            render("http://h.test/items/{id}.json", "..").unwrap(),
+            "http://h.test/items/...json"
+        );
+        assert_eq!(
+            render("http://h.test/items/x{id}", "").unwrap(),
+            "http://h.test/items/x"
+        );
+        assert_eq!(
+            render("http://h.test/items?q={id}", "..").unwrap(),
+            "http://h.test/items?q=.."
+        );
+        assert_eq!(render("http://h.test/{id}", "...").unwrap(), "http://h.test/...");
+    }
+
+    #[test]
+    fn doubled_braces_are_literal() {
+        assert_eq!(
+            render("http://h.test/{{x}}/{id}", "1").unwrap(),
+            "http://h.test/%7Bx%7D/1"
+        );
+    }
+
+    #[test]
+    fn extra_query_pairs_are_appended_once() {
+        let query = [
+            ("token".to_owned(), "s e&c".to_owned()),
+            ("include".to_owned(), "stats".to_owned()),
+        ];
+        let t = UrlTemplate::parse("http://h.test/p/{id}?a=1", &query).unwrap();
+        assert_eq!(
+            t.render("9", &mut String::new()).unwrap().as_str(),
+            "http://h.test/p/9?a=1&token=s+e%26c&include=stats"
+        );
+    }
+
+    #[test]
+    fn template_is_normalised_once() {
+        assert_eq!(
+            render("HTTP://H.Test:80/a/../b/{id}", "1").unwrap(),
+            "http://h.test/b/1"
+        );
+    }
+
+    #[test]
+    fn invalid_templates_say_what_to_fix() {
+        assert!(parse_err("http://h.test/items/").contains("no `{id}`"));
+        assert!(parse_err("http://h.test/{name}").contains("unknown placeholder `{name}`"));
+        assert!(parse_err("http://h.test/{id").contains("not closed"));
+        assert!(parse_err("http://h.test/{i{d}").contains("not closed"));
+        assert!(parse_err("http://h.test/id}/{id}").contains("no opening"));
+        assert!(parse_err("/items/{id}").contains("relative URL"));
+        assert!(parse_err("items/{id}").contains("relative URL"));
+        assert!(parse_err("ftp://h.test/{id}").contains("scheme is `ftp`"));
+        assert!(parse_err("file:///tmp/{id}").contains("scheme is `file`"));
+        assert!(parse_err("http://{id}.h.test/x").contains("not in the scheme"));
+        assert!(parse_err("http://h.test/x#{id}").contains("not in the fragment"));
+        assert!(parse_err("http://h.test/{id}/../x").contains("removed"));
+        assert!(parse_err("http://[::1/{id}").contains("not a valid URL"));
+    }
+
+    #[test]
+    fn a_template_containing_the_marker_still_works() {
+        assert_eq!(
+            render("http://h.test/fanouthole0x/{id}", "1").unwrap(),
+            "http://h.test/fanouthole0x/1"
+        );
+    }
+}
