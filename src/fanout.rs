@@ -79,10 +79,7 @@ where
         I: IntoIterator<Item = Id>,
         I::IntoIter: Send + 'static,
     {
-        Batch::new(
-            Arc::clone(&self.shared),
-            futures::stream::iter(ids).boxed(),
-        )
+        Batch::new(Arc::clone(&self.shared), futures::stream::iter(ids).boxed())
     }
 }
 

@@ -157,13 +157,19 @@ mod tests {
     #[test]
     fn decode_errors_name_the_path() {
         let err = decode::<Video>(br#"{"id":"a","stats":{"views":"many"}}"#).unwrap_err();
-        assert!(err.starts_with("at `stats.views`: invalid type: string"), "{err}");
+        assert!(
+            err.starts_with("at `stats.views`: invalid type: string"),
+            "{err}"
+        );
     }
 
     #[test]
     fn decode_errors_without_a_path_keep_serde_json_message() {
         let err = decode::<Video>(b"not json").unwrap_err();
-        assert!(err.starts_with("expected ident at line 1 column 2"), "{err}");
+        assert!(
+            err.starts_with("expected ident at line 1 column 2"),
+            "{err}"
+        );
         let err = decode::<Vec<u8>>(b"[1,2] trailing").unwrap_err();
         assert!(err.contains("trailing characters"), "{err}");
     }

@@ -163,7 +163,9 @@ fn split_placeholders(template: &str) -> Result<Vec<String>, Error> {
             '}' if chars.next_if(|&(_, c)| c == '}').is_some() => push(&mut pieces, '}'),
             '{' => {
                 let rest = &template[at + 1..];
-                let Some(len) = rest.find(['{', '}']).filter(|&i| rest[i..].starts_with('}'))
+                let Some(len) = rest
+                    .find(['{', '}'])
+                    .filter(|&i| rest[i..].starts_with('}'))
                 else {
                     return Err(invalid(
                         template,
@@ -190,7 +192,9 @@ fn split_placeholders(template: &str) -> Result<Vec<String>, Error> {
             '}' => {
                 return Err(invalid(
                     template,
-                    &format!("the `}}` at byte {at} has no opening `{{`; write `}}}}` for a literal brace"),
+                    &format!(
+                        "the `}}` at byte {at} has no opening `{{`; write `}}}}` for a literal brace"
+                    ),
                 ));
             }
             c => push(&mut pieces, c),
@@ -324,7 +328,10 @@ mod tests {
             render("http://h.test/items?q={id}", "..").unwrap(),
             "http://h.test/items?q=.."
         );
-        assert_eq!(render("http://h.test/{id}", "...").unwrap(), "http://h.test/...");
+        assert_eq!(
+            render("http://h.test/{id}", "...").unwrap(),
+            "http://h.test/..."
+        );
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::stream::{BoxStream, FuturesUnordered};
 use futures::StreamExt;
+use futures::stream::{BoxStream, FuturesUnordered};
 use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
 use tokio::task::{JoinError, JoinHandle};
@@ -82,7 +82,10 @@ where
 
     /// Bounds on how many outcomes are still to come.
     pub(crate) fn size_hint(&self) -> (usize, Option<usize>) {
-        let (low, high) = self.ids.as_ref().map_or((0, Some(0)), |ids| ids.size_hint());
+        let (low, high) = self
+            .ids
+            .as_ref()
+            .map_or((0, Some(0)), |ids| ids.size_hint());
         let running = self.running.len();
         (
             low.saturating_add(running),
@@ -113,7 +116,10 @@ where
 
     /// Renders the id's URL and spawns its request, or returns why it cannot run.
     fn start(&mut self, id: &Id) -> State<T> {
-        let runtime = match self.runtime.get_or_insert_with(|| Handle::try_current().map_err(drop)) {
+        let runtime = match self
+            .runtime
+            .get_or_insert_with(|| Handle::try_current().map_err(drop))
+        {
             Ok(runtime) => runtime,
             Err(()) => {
                 return State::Failed(Some(Error::new(
@@ -130,7 +136,11 @@ where
                 "the id's Display implementation returned an error",
             )));
         }
-        match self.shared.template.render(&self.id_text, &mut self.url_text) {
+        match self
+            .shared
+            .template
+            .render(&self.id_text, &mut self.url_text)
+        {
             Ok(url) => {
                 let shared = Arc::clone(&self.shared);
                 State::Task(runtime.spawn(async move { fetch(&shared, url).await }))

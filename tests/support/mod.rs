@@ -1,0 +1,150 @@
+//! Test servers on loopback.
+//!
+//! wiremock covers scripted answers; [`GaugeServer`] is a small axum server whose handler
+//! is async, so it can count requests in flight from arrival until the answer is sent
+//! (or the client goes away), which wiremock's synchronous responders cannot.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+/// Decides, per id, how long the server waits and what it answers.
+pub type Script = dyn Fn(&str) -> (Duration, StatusCode) + Send + Sync;
+
+/// Serves `GET /items/{id}` with `{"id": "<id>"}` after a per-id delay, and measures
+/// what arrives.
+pub struct GaugeServer {
+    pub addr: SocketAddr,
+    pub gauge: Arc<Gauge>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+pub struct Gauge {
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    requests: AtomicUsize,
+    ids: Mutex<Vec<String>>,
+}
+
+impl Gauge {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+    /// Every id requested, in arrival order.
+    pub fn ids(&self) -> Vec<String> {
+        self.ids.lock().unwrap().clone()
+    }
+}
+
+/// Decrements the in-flight count when the handler ends, also when it is cancelled
+/// because the client closed the connection.
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a Gauge) -> Self {
+        let now = gauge.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        gauge.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    gauge: Arc<Gauge>,
+    script: Arc<Script>,
+}
+
+async fn item(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let gauge = &state.gauge;
+    gauge.requests.fetch_add(1, Ordering::SeqCst);
+    gauge.ids.lock().unwrap().push(id.clone());
+    let _in_flight = InFlight::enter(gauge);
+    let (delay, status) = (state.script)(&id);
+    tokio::time::sleep(delay).await;
+    if status.is_success() {
+        axum::Json(serde_json::json!({ "id": id })).into_response()
+    } else {
+        (
+            status,
+            format!("{{\"error\":\"scripted {status} for {id}\"}}"),
+        )
+            .into_response()
+    }
+}
+
+impl GaugeServer {
+    /// Every id answers 200 after `delay`.
+    pub async fn with_delay(delay: Duration) -> Self {
+        Self::scripted(move |_| (delay, StatusCode::OK)).await
+    }
+
+    pub async fn scripted(
+        script: impl Fn(&str) -> (Duration, StatusCode) + Send + Sync + 'static,
+    ) -> Self {
+        let gauge = Arc::new(Gauge::default());
+        let state = AppState {
+            gauge: Arc::clone(&gauge),
+            script: Arc::new(script),
+        };
+        let app = Router::new()
+            .route("/items/{id}", get(item))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        GaugeServer { addr, gauge, task }
+    }
+
+    /// The detail-URL template for this server.
+    pub fn template(&self) -> String {
+        format!("http://{}/items/{{id}}", self.addr)
+    }
+}
+
+impl Drop for GaugeServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the test servers answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Item {
+    pub id: String,
+}
+
+/// Waits until `check` holds, polling for up to `limit`. For facts that become true
+/// eventually (a cancelled request leaving the server), not for timing assertions.
+pub async fn eventually(limit: Duration, check: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    check()
+}
