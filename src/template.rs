@@ -99,7 +99,7 @@ impl UrlTemplate {
             ));
         }
 
-        let mut pieces = Vec::with_capacity(holes + 1);
+        let mut pieces: Vec<Box<str>> = Vec::with_capacity(holes + 1);
         let mut start = 0;
         for &at in &found {
             pieces.push(serialized[start..at].into());
@@ -108,7 +108,7 @@ impl UrlTemplate {
         pieces.push(serialized[start..].into());
 
         let dot_segments = dot_segments(&serialized[path], &sentinel);
-        let literal_len = pieces.iter().map(|p: &Box<str>| p.len()).sum();
+        let literal_len = pieces.iter().map(|p| p.len()).sum();
         Ok(UrlTemplate {
             pieces,
             dot_segments,

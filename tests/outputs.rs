@@ -15,7 +15,7 @@ const SLOW: Duration = Duration::from_millis(400);
 /// Even ids are slow, odd ids answer at once: the server finishes out of input order.
 async fn out_of_order_server() -> GaugeServer {
     GaugeServer::scripted(|id| {
-        let slow = id.parse::<u32>().is_ok_and(|n| n % 2 == 0);
+        let slow = id.parse::<u32>().is_ok_and(|n| n.is_multiple_of(2));
         (if slow { SLOW } else { Duration::ZERO }, StatusCode::OK)
     })
     .await
@@ -78,8 +78,14 @@ async fn as_completed_yields_the_fast_ones_first() {
         .collect()
         .await;
     let (fast, slow) = ids.split_at(5);
-    assert!(fast.iter().all(|n| n % 2 == 1), "fast ids first: {ids:?}");
-    assert!(slow.iter().all(|n| n % 2 == 0), "slow ids last: {ids:?}");
+    assert!(
+        fast.iter().all(|n| !n.is_multiple_of(2)),
+        "fast ids first: {ids:?}"
+    );
+    assert!(
+        slow.iter().all(|n| n.is_multiple_of(2)),
+        "slow ids last: {ids:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +126,7 @@ async fn mixed_server() -> GaugeServer {
     GaugeServer::scripted(|id| {
         let n: u64 = id.parse().unwrap();
         let delay = Duration::from_millis((n * 7919) % 13);
-        let status = if n % 7 == 0 {
+        let status = if n.is_multiple_of(7) {
             StatusCode::NOT_FOUND
         } else {
             StatusCode::OK
@@ -134,7 +140,7 @@ fn assert_exactly_once(outcomes: &[(u32, bool)], n: u32) {
     let mut seen: HashMap<u32, usize> = HashMap::new();
     for (id, ok) in outcomes {
         *seen.entry(*id).or_default() += 1;
-        assert_eq!(*ok, id % 7 != 0, "id {id} has the wrong outcome");
+        assert_eq!(*ok, !id.is_multiple_of(7), "id {id} has the wrong outcome");
     }
     assert_eq!(seen.len(), n as usize, "every id has an outcome");
     assert!(seen.values().all(|&c| c == 1), "no id has two outcomes");
