@@ -32,10 +32,7 @@ pub(crate) async fn fetch<T: DeserializeOwned>(shared: &Shared, url: Url) -> Res
 
     let status = response.status();
     if !status.is_success() {
-        let cap = shared.max_body_bytes.min(ERROR_BODY_BYTES);
-        // The status is the error; a body that is too long or breaks off only shortens
-        // the snippet.
-        let body = read_capped(&mut response, cap).await.unwrap_or_default();
+        let body = read_prefix(&mut response, shared.max_body_bytes.min(ERROR_BODY_BYTES)).await;
         return Err(
             Error::request(ErrorKind::Status, response.url().clone(), "")
                 .with_status(status)
@@ -114,6 +111,19 @@ async fn read_capped(response: &mut Response, cap: usize) -> Result<Bytes, ReadF
             None => return Ok(body.freeze()),
         }
     }
+}
+
+/// Reads the start of an error response's body, up to about `limit` bytes. The status
+/// is the error: a body that is long or breaks off only shortens what is quoted.
+async fn read_prefix(response: &mut Response, limit: usize) -> Vec<u8> {
+    let mut prefix = Vec::new();
+    while prefix.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => prefix.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    prefix
 }
 
 async fn next_chunk(response: &mut Response) -> Result<Option<Bytes>, ReadFailure> {

@@ -260,3 +260,14 @@ async fn an_endless_chunked_body_stops_at_the_cap() {
         "the client hung up early, after {sent} bytes"
     );
 }
+
+#[tokio::test]
+async fn a_long_error_body_is_quoted_from_its_start() {
+    let body = format!("upstream exploded{}", " ".repeat(200_000));
+    let server = server_answering("v9", ResponseTemplate::new(502).set_body_string(body)).await;
+    let err = fetch_one(&server, "v9").await;
+    assert_eq!(err.status(), Some(StatusCode::BAD_GATEWAY));
+    let snippet = err.body_snippet().unwrap();
+    assert!(snippet.starts_with("upstream exploded"), "{snippet:?}");
+    assert!(snippet.ends_with('…'));
+}
