@@ -184,6 +184,11 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// Appends these query parameters (URL-encoded) to every request, after any query
     /// the template has. Can be called more than once.
     ///
+    /// They become part of each request's URL, so they also appear in
+    /// [`Error::url`](crate::Error::url) and error messages. Prefer
+    /// [`bearer_auth`](Self::bearer_auth) or [`header`](Self::header) for secrets when
+    /// the API accepts them there.
+    ///
     /// Default: none.
     pub fn query<K: fmt::Display, V: fmt::Display>(mut self, pairs: &[(K, V)]) -> Self {
         self.query
@@ -203,7 +208,8 @@ impl<Id, T> FanOutBuilder<Id, T> {
     ///
     /// - [`ErrorKind::InvalidTemplate`]: no `detail_url` was given, or it has no `{id}`,
     ///   an unknown placeholder such as `{name}`, an unbalanced `{` or `}`, is relative
-    ///   or not http(s), has no host, or puts `{id}` outside the path and query.
+    ///   or not http(s), has no host, carries a user name or password, or puts `{id}`
+    ///   outside the path and query.
     /// - [`ErrorKind::InvalidHeader`]: a `header` name or value, or the `bearer_auth`
     ///   token, is not valid HTTP (the first such problem is reported).
     /// - [`ErrorKind::InvalidConfig`]: `concurrency`, `max_body_bytes` or

@@ -76,8 +76,9 @@ pub enum ErrorKind {
     Decode,
     /// The response body is larger than the configured maximum; reading stopped at the cap.
     TooLarge,
-    /// Running the request panicked (a panic in a `Deserialize` or `Display` impl); the
-    /// panic was caught so that the rest of the batch goes on.
+    /// The request's task panicked (a panic in `T`'s `Deserialize` impl); the panic was
+    /// caught so that the rest of the batch goes on. (The id's `Display` impl runs in
+    /// the consumer's task, where a panic is not caught.)
     Panic,
     /// The batch was polled outside a Tokio runtime, or the runtime shut down while
     /// the request was running.

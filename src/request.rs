@@ -12,6 +12,10 @@ use crate::fanout::Shared;
 /// on it. Reading small error bodies to the end lets the connection be reused.
 const ERROR_BODY_BYTES: usize = 64 * 1024;
 
+/// The most that is reserved up front for a body from its `Content-Length`; a longer
+/// body grows as it arrives, so a lying header cannot make us allocate for nothing.
+const PREALLOCATE_AT_MOST: usize = 1024 * 1024;
+
 /// Fetches and decodes the record at `url`.
 pub(crate) async fn fetch<T: DeserializeOwned>(shared: &Shared, url: Url) -> Result<T, Error> {
     // The semaphore is never closed, so acquiring only fails if that invariant breaks.
@@ -97,8 +101,13 @@ async fn read_capped(response: &mut Response, cap: usize) -> Result<Bytes, ReadF
         return Ok(first);
     };
 
-    let expected = declared.map_or(0, |len| len as usize);
-    let mut body = BytesMut::with_capacity(expected.max(first.len() + second.len()));
+    // Content-Length is the server's word, not a promise: trust it only so far.
+    let expected = declared.map_or(0, |len| usize::try_from(len).unwrap_or(usize::MAX));
+    let mut body = BytesMut::with_capacity(
+        expected
+            .min(PREALLOCATE_AT_MOST)
+            .max(first.len() + second.len()),
+    );
     body.extend_from_slice(&first);
     let mut chunk = second;
     loop {

@@ -63,7 +63,7 @@ impl UrlTemplate {
             ));
         }
 
-        let sentinel = sentinel_for(template);
+        let sentinel = sentinel_for(template, query);
         let mut url = parse_absolute(template, &raw_pieces.join(&sentinel))?;
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
@@ -210,8 +210,21 @@ fn push(pieces: &mut [String], c: char) {
 }
 
 /// An alphanumeric marker that the URL parser leaves alone and the template does not contain.
-fn sentinel_for(template: &str) -> String {
-    let lower = template.to_ascii_lowercase();
+///
+/// The URL parser drops tabs and line breaks and the query pairs are appended after
+/// parsing, so the marker must be absent from all of those, compared without them.
+fn sentinel_for(template: &str, query: &[(String, String)]) -> String {
+    let mut lower: String = template
+        .chars()
+        .filter(|c| !matches!(c, '\t' | '\r' | '\n'))
+        .collect();
+    for (key, value) in query {
+        lower.push(' ');
+        lower.push_str(key);
+        lower.push(' ');
+        lower.push_str(value);
+    }
+    lower.make_ascii_lowercase();
     (0u32..)
         .map(|n| format!("fanouthole{n}x"))
         .find(|s| !lower.contains(s.as_str()))
@@ -227,6 +240,15 @@ fn parse_absolute(template: &str, text: &str) -> Result<Url, Error> {
         ),
         err => invalid(template, &format!("it is not a valid URL ({err})")),
     })?;
+    if !url.username().is_empty() || url.password().is_some() {
+        // The template is not quoted: it holds a credential.
+        return Err(Error::new(
+            ErrorKind::InvalidTemplate,
+            "detail URL template: it has a user name or password before the host; \
+             credentials in URLs are not sent and would show in errors, so pass them with \
+             .bearer_auth(...) or .header(\"authorization\", ...) instead",
+        ));
+    }
     match url.scheme() {
         "http" | "https" if url.has_host() => Ok(url),
         "http" | "https" => Err(invalid(template, "it has no host")),
@@ -253,8 +275,28 @@ fn dot_segments(path: &str, sentinel: &str) -> Vec<DotSegment> {
 fn invalid(template: &str, why: &str) -> Error {
     Error::new(
         ErrorKind::InvalidTemplate,
-        format!("detail URL template {template:?}: {why}"),
+        format!("detail URL template {:?}: {why}", redact_userinfo(template)),
     )
+}
+
+/// The template with any `user:password@` before the host replaced by `***@`, for
+/// quoting in errors.
+fn redact_userinfo(template: &str) -> std::borrow::Cow<'_, str> {
+    let Some(scheme_end) = template.find("://").map(|i| i + 3) else {
+        return template.into();
+    };
+    let authority_end = template[scheme_end..]
+        .find(['/', '?', '#'])
+        .map_or(template.len(), |i| scheme_end + i);
+    match template[scheme_end..authority_end].rfind('@') {
+        Some(at) => format!(
+            "{}***{}",
+            &template[..scheme_end],
+            &template[scheme_end + at..]
+        )
+        .into(),
+        None => template.into(),
+    }
 }
 
 #[cfg(test)]
@@ -378,6 +420,27 @@ mod tests {
         assert!(parse_err("http://h.test/x#{id}").contains("not in the fragment"));
         assert!(parse_err("http://h.test/{id}/../x").contains("removed"));
         assert!(parse_err("http://[::1/{id}").contains("not a valid URL"));
+        assert!(parse_err("http://alice:s3cret@h.test/{id}").contains("user name or password"));
+        assert!(parse_err("http://alice@h.test/{id}").contains(".bearer_auth"));
+        assert!(!parse_err("http://alice:s3cret@h.test/{id}").contains("s3cret"));
+        let err = parse_err("http://alice:s3cret@h.test/{name}");
+        assert!(err.contains("\"http://***@h.test/{name}\""), "{err}");
+    }
+
+    #[test]
+    fn the_marker_cannot_collide_through_stripped_whitespace_or_query_pairs() {
+        // The parser strips the tab, which would turn this literal into the marker.
+        let err = parse_err("http://h.test/fanout\thole0x/{id}/..");
+        assert!(err.contains("removed"), "{err}");
+        // A query value equal to the marker must not become a hole.
+        let query = [("k".to_owned(), "fanouthole0x".to_owned())];
+        let t = UrlTemplate::parse("http://h.test/items/{id}", &query).unwrap();
+        assert_eq!(
+            t.render("5", &mut String::new()).unwrap().as_str(),
+            "http://h.test/items/5?k=fanouthole0x"
+        );
+        let err = UrlTemplate::parse("http://h.test/items/{id}/..", &query).unwrap_err();
+        assert!(err.to_string().contains("removed"), "{err}");
     }
 
     #[test]

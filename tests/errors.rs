@@ -220,20 +220,106 @@ async fn a_panicking_decoder_fails_only_its_id() {
     assert!(err.to_string().contains("decoder bug for boom"), "{err}");
 }
 
-#[tokio::test]
-async fn an_endless_chunked_body_stops_at_the_cap() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
+/// A one-connection server that reads the request and then runs `answer` on the socket.
+async fn raw_server<F, Fut>(answer: F) -> (std::net::SocketAddr, tokio::task::JoinHandle<usize>)
+where
+    F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = usize> + Send,
+{
+    use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let (mut socket, _) = listener.accept().await.unwrap();
         let mut request = [0u8; 1024];
         let _ = socket.read(&mut request).await.unwrap();
+        answer(socket).await
+    });
+    (addr, task)
+}
+
+const CHUNKED_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+
+/// Answers with `parts` as separate chunks of a chunked body, flushed one by one.
+async fn chunked(parts: &'static [&'static str]) -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let (addr, _) = raw_server(move |mut socket| async move {
+        socket.write_all(CHUNKED_HEAD).await.unwrap();
+        for part in parts {
+            let chunk = format!("{:x}\r\n{part}\r\n", part.len());
+            socket.write_all(chunk.as_bytes()).await.unwrap();
+            socket.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        socket.write_all(b"0\r\n\r\n").await.unwrap();
+        0
+    })
+    .await;
+    addr
+}
+
+fn numbers(addr: std::net::SocketAddr, cap: usize) -> FanOut<u32, Vec<u32>> {
+    FanOut::builder()
+        .detail_url(&format!("http://{addr}/n/{{id}}"))
+        .max_body_bytes(cap)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_chunked_body_exactly_at_the_cap_is_assembled() {
+    let addr = chunked(&["[1,", "22,", "333]"]).await;
+    let values = numbers(addr, 10)
+        .fan_out([1])
+        .try_collect_ordered()
+        .await
+        .unwrap();
+    assert_eq!(values, vec![vec![1, 22, 333]]);
+}
+
+#[tokio::test]
+async fn a_chunked_body_one_byte_over_the_cap_is_too_large() {
+    let addr = chunked(&["[1,", "22,", "333]"]).await;
+    let err = numbers(addr, 9)
+        .fan_out([1])
+        .try_collect_ordered()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TooLarge, "{err}");
+}
+
+#[tokio::test]
+async fn a_lying_content_length_does_not_reserve_memory_for_it() {
+    use tokio::io::AsyncWriteExt;
+    // 200 GB announced, a few bytes sent, then the connection closes.
+    let (addr, _) = raw_server(|mut socket| async move {
         socket
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 200000000000\r\n\r\n[1,")
             .await
             .unwrap();
+        socket.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        socket.write_all(b"2,").await.unwrap();
+        socket.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        0
+    })
+    .await;
+    let err = numbers(addr, usize::MAX)
+        .fan_out([1])
+        .try_collect_ordered()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Body, "{err}");
+}
+
+#[tokio::test]
+async fn an_endless_chunked_body_stops_at_the_cap() {
+    use tokio::io::AsyncWriteExt;
+
+    let (addr, server) = raw_server(|mut socket| async move {
+        socket.write_all(CHUNKED_HEAD).await.unwrap();
         let chunk = format!("400\r\n{}\r\n", "7".repeat(0x400));
         let mut sent = 0usize;
         // Endless, until the client hangs up (bounded so a broken client cannot hang CI).
@@ -241,7 +327,8 @@ async fn an_endless_chunked_body_stops_at_the_cap() {
             sent += 0x400;
         }
         sent
-    });
+    })
+    .await;
     let fan = FanOut::<u32, u64>::builder()
         .detail_url(&format!("http://{addr}/n/{{id}}"))
         .max_body_bytes(64 * 1024)

@@ -92,8 +92,9 @@ async fn as_completed_yields_the_fast_ones_first() {
 async fn in_order_window_pauses_admission_behind_a_slow_head() {
     // Id 0 is slow; the rest are instant. With a window of 5 the stream may not run
     // more than 5 positions ahead of id 0 while id 0 is still pending.
+    const HEAD: Duration = Duration::from_secs(1);
     let server = GaugeServer::scripted(|id| {
-        let delay = if id == "0" { SLOW } else { Duration::ZERO };
+        let delay = if id == "0" { HEAD } else { Duration::ZERO };
         (delay, StatusCode::OK)
     })
     .await;
@@ -107,7 +108,7 @@ async fn in_order_window_pauses_admission_behind_a_slow_head() {
     let gauge = std::sync::Arc::clone(&server.gauge);
     let watcher = tokio::spawn(async move {
         // While id 0 is pending, count what else reached the server.
-        tokio::time::sleep(SLOW / 2).await;
+        tokio::time::sleep(HEAD / 2).await;
         gauge.requests()
     });
     let (first, _) = stream.next().await.unwrap();
@@ -226,10 +227,33 @@ async fn try_collect_ordered_returns_the_first_error_and_cancels_the_rest() {
     let sent = gauge.requests();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(gauge.requests(), sent);
+    // The error frees no slot: nothing beyond the first eight ids was ever sent.
     assert!(
-        sent <= 9,
+        sent <= 8,
         "only the first slots' worth were sent, got {sent}"
     );
+    assert!(gauge.ids().iter().all(|id| id.parse::<u32>().unwrap() < 8));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_collect_ordered_ends_an_endless_input_at_the_first_error() {
+    // "Scan ids until the first 404": an endless input must not be sized up front.
+    let server = GaugeServer::scripted(|id| {
+        let status = if id == "40" {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::OK
+        };
+        (Duration::ZERO, status)
+    })
+    .await;
+    let err = client(&server, 4)
+        .fan_out(0u32..)
+        .try_collect_ordered()
+        .await
+        .unwrap_err();
+    assert_eq!(err.id(), Some("40"));
+    assert!(server.gauge.requests() <= 44);
 }
 
 #[test]

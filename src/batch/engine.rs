@@ -35,6 +35,9 @@ pub(crate) struct Core<Id, T> {
     /// Scratch space reused for every id's `Display` form and rendered URL.
     id_text: String,
     url_text: String,
+    /// Set by outputs that end at the first error, so that an error frees no slot
+    /// for a request nobody will wait for.
+    stop_on_error: bool,
 }
 
 impl<Id, T> Core<Id, T>
@@ -51,7 +54,13 @@ where
             runtime: None,
             id_text: String::new(),
             url_text: String::new(),
+            stop_on_error: false,
         }
+    }
+
+    /// Makes the engine admit no new id after an error: the caller stops there.
+    pub(crate) fn stop_on_error(&mut self) {
+        self.stop_on_error = true;
     }
 
     pub(crate) fn shared(&self) -> &Shared {
@@ -70,7 +79,9 @@ where
         match self.running.poll_next_unpin(cx) {
             Poll::Ready(Some(done)) => {
                 // Refill the freed slot now rather than on the consumer's next poll.
-                self.admit(cx, admit_below);
+                if !(self.stop_on_error && done.result.is_err()) {
+                    self.admit(cx, admit_below);
+                }
                 Poll::Ready(Some(done))
             }
             Poll::Ready(None) if self.ids.is_none() => Poll::Ready(None),
@@ -122,7 +133,7 @@ where
         {
             Ok(runtime) => runtime,
             Err(()) => {
-                return State::Failed(Some(Error::new(
+                return State::Decided(Some(Error::new(
                     ErrorKind::Runtime,
                     "fanout's batches must be polled inside a Tokio runtime",
                 )));
@@ -131,7 +142,7 @@ where
         self.id_text.clear();
         // Writing to a String only fails if the `Display` impl itself reports an error.
         if write!(self.id_text, "{id}").is_err() {
-            return State::Failed(Some(Error::new(
+            return State::Decided(Some(Error::new(
                 ErrorKind::InvalidId,
                 "the id's Display implementation returned an error",
             )));
@@ -145,7 +156,7 @@ where
                 let shared = Arc::clone(&self.shared);
                 State::Task(runtime.spawn(async move { fetch(&shared, url).await }))
             }
-            Err(err) => State::Failed(Some(err)),
+            Err(err) => State::Decided(Some(err)),
         }
     }
 }
@@ -159,7 +170,8 @@ struct Running<Id, T> {
 
 enum State<T> {
     Task(JoinHandle<Result<T, Error>>),
-    Failed(Option<Error>),
+    /// Decided without a task (nothing sent), or the task's outcome already taken.
+    Decided(Option<Error>),
 }
 
 // No field is structurally pinned: the `JoinHandle` is `Unpin`, and `id` is only moved out.
@@ -170,12 +182,15 @@ impl<Id: Display, T> Future for Running<Id, T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let result = match &mut self.state {
-            State::Task(handle) => match Pin::new(handle).poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(result)) => result,
-                Poll::Ready(Err(err)) => Err(join_failure(err)),
-            },
-            State::Failed(err) => Err(err
+            State::Task(handle) => {
+                let Poll::Ready(joined) = Pin::new(handle).poll(cx) else {
+                    return Poll::Pending;
+                };
+                // The task is over: nothing left for `Drop` to abort.
+                self.state = State::Decided(None);
+                joined.unwrap_or_else(|err| Err(join_failure(err)))
+            }
+            State::Decided(err) => Err(err
                 .take()
                 .unwrap_or_else(|| Error::new(ErrorKind::Runtime, "outcome already taken"))),
         };

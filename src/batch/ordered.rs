@@ -83,6 +83,10 @@ impl<Id, T> fmt::Debug for InOrder<Id, T> {
     }
 }
 
+/// The most result slots reserved up front from the input's size hint: an endless
+/// `1..` says `usize::MAX`, and a huge range should grow as results arrive.
+const PREALLOCATE_AT_MOST: usize = 64 * 1024;
+
 /// Every result, in input order. Admission is not windowed: the output holds every
 /// result anyway, so a slow head of the line never holds the others back.
 pub(crate) async fn collect_ordered<Id, T>(mut core: Core<Id, T>) -> Vec<Result<T, Error>>
@@ -90,7 +94,7 @@ where
     Id: fmt::Display + Send + 'static,
     T: DeserializeOwned + Send + 'static,
 {
-    let mut out = Vec::with_capacity(core.size_hint().0);
+    let mut out = Vec::with_capacity(core.size_hint().0.min(PREALLOCATE_AT_MOST));
     let mut reorder = Reorder::new();
     while let Some(done) = poll_fn(|cx| core.poll_done(cx, u64::MAX)).await {
         reorder.insert(done.seq, done.result);
@@ -106,7 +110,8 @@ where
     Id: fmt::Display + Send + 'static,
     T: DeserializeOwned + Send + 'static,
 {
-    let mut out = Vec::with_capacity(core.size_hint().0);
+    core.stop_on_error();
+    let mut out = Vec::with_capacity(core.size_hint().0.min(PREALLOCATE_AT_MOST));
     let mut reorder = Reorder::new();
     while let Some(done) = poll_fn(|cx| core.poll_done(cx, u64::MAX)).await {
         reorder.insert(done.seq, done.result?);
