@@ -21,8 +21,10 @@ const ID: &AsciiSet = &NON_ALPHANUMERIC
 const PLACEHOLDER: &str = "id";
 
 pub(crate) struct UrlTemplate {
-    /// `holes + 1` literal pieces, already normalised by the URL parser.
-    pieces: Vec<Box<str>>,
+    /// The literal text before the first hole, normalised by the URL parser.
+    head: Box<str>,
+    /// The literal text after each hole.
+    tails: Vec<Box<str>>,
     /// Path segments made of holes and dots only, where some ids would make the segment
     /// empty, `.` or `..` and so change which resource the URL names.
     dot_segments: Vec<DotSegment>,
@@ -32,7 +34,11 @@ pub(crate) struct UrlTemplate {
 impl std::fmt::Debug for UrlTemplate {
     /// The normalised template, `{id}` marking the holes.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let text = self.pieces.join("{id}");
+        let mut text = self.head.to_string();
+        for tail in &self.tails {
+            text.push_str("{id}");
+            text.push_str(tail);
+        }
         std::fmt::Debug::fmt(&text, f)
     }
 }
@@ -63,7 +69,7 @@ impl UrlTemplate {
             ));
         }
 
-        let sentinel = sentinel_for(template, query);
+        let sentinel = sentinel_for(template, query)?;
         let mut url = parse_absolute(template, &raw_pieces.join(&sentinel))?;
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
@@ -99,18 +105,15 @@ impl UrlTemplate {
             ));
         }
 
-        let mut pieces: Vec<Box<str>> = Vec::with_capacity(holes + 1);
-        let mut start = 0;
-        for &at in &found {
-            pieces.push(serialized[start..at].into());
-            start = at + sentinel.len();
-        }
-        pieces.push(serialized[start..].into());
+        let mut parts = serialized.split(sentinel.as_str());
+        let head: Box<str> = parts.next().unwrap_or_default().into();
+        let tails: Vec<Box<str>> = parts.map(Box::from).collect();
 
         let dot_segments = dot_segments(&serialized[path], &sentinel);
-        let literal_len = pieces.iter().map(|p| p.len()).sum();
+        let literal_len = head.len() + tails.iter().map(|t| t.len()).sum::<usize>();
         Ok(UrlTemplate {
-            pieces,
+            head,
+            tails,
             dot_segments,
             literal_len,
         })
@@ -133,13 +136,12 @@ impl UrlTemplate {
         }
 
         buf.clear();
-        buf.reserve(self.literal_len + 3 * id.len() * (self.pieces.len() - 1));
-        let (last, rest) = self.pieces.split_last().expect("a template has pieces");
-        for piece in rest {
-            buf.push_str(piece);
+        buf.reserve(self.literal_len + 3 * id.len() * self.tails.len());
+        buf.push_str(&self.head);
+        for tail in &self.tails {
             buf.extend(utf8_percent_encode(id, ID));
+            buf.push_str(tail);
         }
-        buf.push_str(last);
 
         match Url::parse(buf) {
             // The parser must take the rendered text as it is: any change means the id
@@ -213,7 +215,7 @@ fn push(pieces: &mut [String], c: char) {
 ///
 /// The URL parser drops tabs and line breaks and the query pairs are appended after
 /// parsing, so the marker must be absent from all of those, compared without them.
-fn sentinel_for(template: &str, query: &[(String, String)]) -> String {
+fn sentinel_for(template: &str, query: &[(String, String)]) -> Result<String, Error> {
     let mut lower: String = template
         .chars()
         .filter(|c| !matches!(c, '\t' | '\r' | '\n'))
@@ -225,10 +227,12 @@ fn sentinel_for(template: &str, query: &[(String, String)]) -> String {
         lower.push_str(value);
     }
     lower.make_ascii_lowercase();
-    (0u32..)
+    // Each position of the text can start at most one of these markers, so one of the
+    // first `len + 1` is always absent.
+    (0..=lower.len())
         .map(|n| format!("fanouthole{n}x"))
         .find(|s| !lower.contains(s.as_str()))
-        .expect("some marker is absent from a finite template")
+        .ok_or_else(|| invalid(template, "no placeholder marker fits it"))
 }
 
 fn parse_absolute(template: &str, text: &str) -> Result<Url, Error> {

@@ -11,19 +11,11 @@ use fanout::FanOut;
 use futures::StreamExt;
 use support::{GaugeServer, Item, eventually};
 
-fn client(server: &GaugeServer, concurrency: usize) -> FanOut<u32, Item> {
-    FanOut::builder()
-        .detail_url(&server.template())
-        .concurrency(concurrency)
-        .build()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_reach_the_cap_and_never_exceed_it() {
     for cap in [1, 4, 12] {
         let server = GaugeServer::with_delay(Duration::from_millis(40)).await;
-        let results = client(&server, cap).fan_out(0..60).collect_ordered().await;
+        let results = server.client(cap).fan_out(0..60).collect_ordered().await;
         assert!(results.iter().all(Result::is_ok));
         assert_eq!(server.gauge.requests(), 60);
         assert_eq!(server.gauge.max_in_flight(), cap, "cap {cap}");
@@ -33,7 +25,7 @@ async fn requests_in_flight_reach_the_cap_and_never_exceed_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cap_is_shared_by_concurrent_batches_and_clones() {
     let server = GaugeServer::with_delay(Duration::from_millis(40)).await;
-    let fan = client(&server, 5);
+    let fan = server.client(5);
     let clone = fan.clone();
     let (a, b, c) = tokio::join!(
         fan.fan_out(0..30).collect_ordered(),
@@ -57,7 +49,7 @@ fn counted_ids(pulled: &Arc<AtomicUsize>) -> impl Iterator<Item = u32> + Send + 
 async fn ids_are_pulled_only_as_slots_free_up() {
     let server = GaugeServer::with_delay(Duration::from_millis(5)).await;
     let pulled = Arc::new(AtomicUsize::new(0));
-    let batch = client(&server, 4).fan_out(counted_ids(&pulled));
+    let batch = server.client(4).fan_out(counted_ids(&pulled));
     assert_eq!(pulled.load(Ordering::SeqCst), 0, "a batch is lazy");
 
     let mut stream = batch.as_completed();
@@ -74,7 +66,7 @@ async fn ids_are_pulled_only_as_slots_free_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_stream_midway_stops_requests_reaching_the_server() {
     let server = GaugeServer::with_delay(Duration::from_millis(100)).await;
-    let mut stream = client(&server, 4).fan_out(0..10_000).as_completed();
+    let mut stream = server.client(4).fan_out(0..10_000).as_completed();
     for _ in 0..6 {
         stream.next().await.unwrap().1.unwrap();
     }
@@ -99,7 +91,7 @@ async fn dropping_the_stream_midway_stops_requests_reaching_the_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_an_unpolled_batch_sends_nothing() {
     let server = GaugeServer::with_delay(Duration::ZERO).await;
-    let fan = client(&server, 4);
+    let fan = server.client(4);
     drop(fan.fan_out(0..100));
     drop(fan.fan_out(0..100).in_order());
     tokio::time::sleep(Duration::from_millis(100)).await;

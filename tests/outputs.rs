@@ -21,18 +21,10 @@ async fn out_of_order_server() -> GaugeServer {
     .await
 }
 
-fn client(server: &GaugeServer, concurrency: usize) -> FanOut<u32, Item> {
-    FanOut::builder()
-        .detail_url(&server.template())
-        .concurrency(concurrency)
-        .build()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collect_ordered_keeps_input_order_when_answers_come_out_of_order() {
     let server = out_of_order_server().await;
-    let items = client(&server, 10).fan_out(0..10).collect_ordered().await;
+    let items = server.client(10).fan_out(0..10).collect_ordered().await;
     let ids: Vec<String> = items.into_iter().map(|r| r.unwrap().id).collect();
     assert_eq!(ids, (0..10).map(|n| n.to_string()).collect::<Vec<_>>());
 }
@@ -40,7 +32,8 @@ async fn collect_ordered_keeps_input_order_when_answers_come_out_of_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn try_collect_ordered_keeps_input_order() {
     let server = out_of_order_server().await;
-    let items = client(&server, 10)
+    let items = server
+        .client(10)
         .fan_out(0..10)
         .try_collect_ordered()
         .await
@@ -52,7 +45,8 @@ async fn try_collect_ordered_keeps_input_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_order_streams_in_input_order() {
     let server = out_of_order_server().await;
-    let pairs: Vec<(u32, String)> = client(&server, 10)
+    let pairs: Vec<(u32, String)> = server
+        .client(10)
         .fan_out(0..10)
         .in_order()
         .map(|(id, r)| (id, r.unwrap().id))
@@ -68,7 +62,8 @@ async fn in_order_streams_in_input_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn as_completed_yields_the_fast_ones_first() {
     let server = out_of_order_server().await;
-    let ids: Vec<u32> = client(&server, 10)
+    let ids: Vec<u32> = server
+        .client(10)
         .fan_out(0..10)
         .as_completed()
         .map(|(id, r)| {
@@ -151,7 +146,7 @@ fn assert_exactly_once(outcomes: &[(u32, bool)], n: u32) {
 async fn every_output_gives_every_id_exactly_one_outcome() {
     const N: u32 = 500;
     let server = mixed_server().await;
-    let fan = client(&server, 32);
+    let fan = server.client(32);
 
     let collected = fan.fan_out(0..N).collect_ordered().await;
     assert_eq!(collected.len(), N as usize);
@@ -205,7 +200,8 @@ async fn try_collect_ordered_returns_the_first_error_and_cancels_the_rest() {
         }
     })
     .await;
-    let err = client(&server, 8)
+    let err = server
+        .client(8)
         .fan_out(0..1000)
         .try_collect_ordered()
         .await
@@ -247,7 +243,8 @@ async fn try_collect_ordered_ends_an_endless_input_at_the_first_error() {
         (Duration::ZERO, status)
     })
     .await;
-    let err = client(&server, 4)
+    let err = server
+        .client(4)
         .fan_out(0u32..)
         .try_collect_ordered()
         .await

@@ -122,6 +122,15 @@ impl GaugeServer {
     pub fn template(&self) -> String {
         format!("http://{}/items/{{id}}", self.addr)
     }
+
+    /// A `FanOut` for this server with the given concurrency and defaults otherwise.
+    pub fn client(&self, concurrency: usize) -> fanout::FanOut<u32, Item> {
+        fanout::FanOut::builder()
+            .detail_url(&self.template())
+            .concurrency(concurrency)
+            .build()
+            .unwrap()
+    }
 }
 
 impl Drop for GaugeServer {
