@@ -341,11 +341,12 @@ mod tests {
     }
 
     #[test]
-    fn long_bodies_are_cut_on_a_char_boundary_safe_path() {
-        let body = "é".repeat(SNIPPET_BYTES);
+    fn long_bodies_are_cut_even_inside_a_character() {
+        // One ASCII byte first, so that the cut at SNIPPET_BYTES falls inside an `é`.
+        let body = format!("a{}", "é".repeat(SNIPPET_BYTES));
         let err = Error::new(ErrorKind::Decode, "x").with_body(body.as_bytes());
         let kept = err.body_snippet().unwrap();
-        assert!(kept.ends_with('…'));
-        assert!(kept.len() <= SNIPPET_BYTES + '…'.len_utf8() + 3);
+        let expected = format!("a{}\u{FFFD}…", "é".repeat((SNIPPET_BYTES - 1) / 2));
+        assert_eq!(kept, expected);
     }
 }

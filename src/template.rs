@@ -28,7 +28,6 @@ pub(crate) struct UrlTemplate {
     /// Path segments made of holes and dots only, where some ids would make the segment
     /// empty, `.` or `..` and so change which resource the URL names.
     dot_segments: Vec<DotSegment>,
-    literal_len: usize,
 }
 
 impl std::fmt::Debug for UrlTemplate {
@@ -110,12 +109,10 @@ impl UrlTemplate {
         let tails: Vec<Box<str>> = parts.map(Box::from).collect();
 
         let dot_segments = dot_segments(&serialized[path], &sentinel);
-        let literal_len = head.len() + tails.iter().map(|t| t.len()).sum::<usize>();
         Ok(UrlTemplate {
             head,
             tails,
             dot_segments,
-            literal_len,
         })
     }
 
@@ -136,7 +133,6 @@ impl UrlTemplate {
         }
 
         buf.clear();
-        buf.reserve(self.literal_len + 3 * id.len() * self.tails.len());
         buf.push_str(&self.head);
         for tail in &self.tails {
             buf.extend(utf8_percent_encode(id, ID));
