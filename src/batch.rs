@@ -4,6 +4,7 @@ mod completed;
 mod engine;
 mod ordered;
 mod reorder;
+mod sleepers;
 
 use std::fmt;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use serde::de::DeserializeOwned;
 
 pub use self::completed::AsCompleted;
 pub use self::ordered::InOrder;
+pub(crate) use self::sleepers::Sleepers;
 
 use self::engine::Core;
 use crate::error::Error;

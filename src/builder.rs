@@ -2,14 +2,19 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
+
+use governor::Quota;
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::Semaphore;
 
 use crate::error::{Error, ErrorKind};
 use crate::fanout::{FanOut, Shared};
+use crate::rate::{RateLimiter, Throttle};
+use crate::retry::RetryPolicy;
 use crate::template::UrlTemplate;
 
 const DEFAULT_CONCURRENCY: usize = 16;
@@ -25,7 +30,7 @@ const USER_AGENT: &str = concat!("fanout/", env!("CARGO_PKG_VERSION"));
 ///
 /// ```
 /// use std::time::Duration;
-/// use fanout::FanOut;
+/// use fanout::{FanOut, RetryPolicy};
 ///
 /// #[derive(serde::Deserialize)]
 /// struct Player { id: u64, name: String }
@@ -35,6 +40,8 @@ const USER_AGENT: &str = concat!("fanout/", env!("CARGO_PKG_VERSION"));
 ///     .query(&[("include", "stats")])
 ///     .bearer_auth("s3cret")
 ///     .concurrency(32)
+///     .requests_per_second(50)
+///     .retry(RetryPolicy::exponential().max_retries(5))
 ///     .timeout(Duration::from_secs(10))
 ///     .build()?;
 /// # Ok::<(), fanout::Error>(())
@@ -44,7 +51,10 @@ pub struct FanOutBuilder<Id, T> {
     client: Option<reqwest::Client>,
     detail_url: Option<String>,
     concurrency: usize,
+    rate: Option<Rate>,
+    retry: RetryPolicy,
     timeout: Duration,
+    deadline: Option<Duration>,
     max_body_bytes: usize,
     reorder_window: Option<usize>,
     headers: HeaderMap,
@@ -60,7 +70,10 @@ impl<Id, T> FanOutBuilder<Id, T> {
             client: None,
             detail_url: None,
             concurrency: DEFAULT_CONCURRENCY,
+            rate: None,
+            retry: RetryPolicy::default(),
             timeout: DEFAULT_TIMEOUT,
+            deadline: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             reorder_window: None,
             headers: HeaderMap::new(),
@@ -104,11 +117,80 @@ impl<Id, T> FanOutBuilder<Id, T> {
         self
     }
 
+    /// Sends at most `rate` requests per second, counting every attempt (retries
+    /// too), across all batches and clones of the built `FanOut`.
+    ///
+    /// This is `Quota::per_second(rate)`: a token bucket that holds `rate` tokens, so
+    /// up to `rate` requests may go at once after a quiet spell, and on average never
+    /// more than `rate` a second. For even spacing, or a quota per minute or hour, use
+    /// [`rate_limit`](Self::rate_limit). Replaces an earlier rate setting.
+    ///
+    /// Default: no rate limit.
+    pub fn requests_per_second(mut self, rate: u32) -> Self {
+        self.rate = Some(Rate::PerSecond(rate));
+        self
+    }
+
+    /// Limits requests to this [`Quota`] (rate and burst), counting every attempt,
+    /// across all batches and clones of the built `FanOut`.
+    ///
+    /// ```
+    /// # use std::num::NonZeroU32;
+    /// # use fanout::{FanOut, Quota};
+    /// // 20 a second, one at a time: at least 50 ms between two requests.
+    /// let quota = Quota::per_second(NonZeroU32::new(20).unwrap())
+    ///     .allow_burst(NonZeroU32::new(1).unwrap());
+    /// let api = FanOut::<u64, serde_json::Value>::builder()
+    ///     .detail_url("https://api.example.com/items/{id}")
+    ///     .rate_limit(quota)
+    ///     .build()?;
+    /// # Ok::<(), fanout::Error>(())
+    /// ```
+    ///
+    /// Replaces an earlier rate setting. Default: no rate limit.
+    pub fn rate_limit(mut self, quota: Quota) -> Self {
+        self.rate = Some(Rate::Quota(quota));
+        self
+    }
+
+    /// Takes tokens from this limiter, which other `FanOut`s (say, other endpoints of
+    /// the same API) may share: together they stay within its quota.
+    ///
+    /// Replaces an earlier rate setting. Default: no rate limit.
+    pub fn rate_limiter(mut self, limiter: Arc<RateLimiter>) -> Self {
+        self.rate = Some(Rate::Shared(limiter));
+        self
+    }
+
+    /// Which failures are retried and how long to wait in between; see
+    /// [`RetryPolicy`]. `RetryPolicy::none()` turns retries off.
+    ///
+    /// Default: `RetryPolicy::default()`: transient failures, up to 3 retries.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
     /// Time allowed for one attempt, from connecting until the body has been read.
+    /// A retry gets the full time again; see [`deadline`](Self::deadline) for a limit
+    /// on an id as a whole.
     ///
     /// Default: 30 seconds.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Time allowed for one id across all its attempts and the delays between them,
+    /// counted from when its first attempt is sent. An attempt still running at the
+    /// deadline is cancelled and the id fails with [`ErrorKind::Timeout`] (and
+    /// [`Error::attempts`] says how many attempts ran); a retry that could not start
+    /// before the deadline is not made.
+    ///
+    /// Default: none; each attempt is bounded by [`timeout`](Self::timeout) and the
+    /// number of attempts by the [`RetryPolicy`].
+    pub fn deadline(mut self, limit: Duration) -> Self {
+        self.deadline = Some(limit);
         self
     }
 
@@ -212,9 +294,11 @@ impl<Id, T> FanOutBuilder<Id, T> {
     ///   outside the path and query.
     /// - [`ErrorKind::InvalidHeader`]: a `header` name or value, or the `bearer_auth`
     ///   token, is not valid HTTP (the first such problem is reported).
-    /// - [`ErrorKind::InvalidConfig`]: `concurrency`, `max_body_bytes` or
-    ///   `reorder_window` is 0, `concurrency` exceeds 2<sup>60</sup>, `timeout` is zero,
-    ///   or the default HTTP client cannot be created.
+    /// - [`ErrorKind::InvalidConfig`]: `concurrency`, `max_body_bytes`,
+    ///   `reorder_window` or `requests_per_second` is 0, `concurrency` exceeds
+    ///   2<sup>60</sup>, `timeout` or `deadline` is zero, the retry policy's
+    ///   `max_delay` is shorter than its `initial_delay`, or the default HTTP client
+    ///   cannot be created.
     pub fn build(self) -> Result<FanOut<Id, T>, Error> {
         if let Some(err) = self.header_error {
             return Err(err);
@@ -242,6 +326,25 @@ impl<Id, T> FanOutBuilder<Id, T> {
                 "timeout must be longer than zero; it bounds each attempt",
             ));
         }
+        if self.deadline.is_some_and(|limit| limit.is_zero()) {
+            return Err(config(
+                "deadline must be longer than zero; it bounds all attempts of an id",
+            ));
+        }
+        self.retry.validate()?;
+        let limiter = match self.rate {
+            None => None,
+            Some(Rate::PerSecond(rate)) => {
+                let Some(rate) = NonZeroU32::new(rate) else {
+                    return Err(config(
+                        "requests_per_second must be at least 1; leave it unset for no limit",
+                    ));
+                };
+                Some(Arc::new(RateLimiter::direct(Quota::per_second(rate))))
+            }
+            Some(Rate::Quota(quota)) => Some(Arc::new(RateLimiter::direct(quota))),
+            Some(Rate::Shared(limiter)) => Some(limiter),
+        };
         if self.max_body_bytes == 0 {
             return Err(config("max_body_bytes must be at least 1"));
         }
@@ -270,11 +373,31 @@ impl<Id, T> FanOutBuilder<Id, T> {
             template,
             headers,
             timeout: self.timeout,
+            deadline: self.deadline,
+            retry: self.retry,
+            throttle: limiter.map(Throttle::new),
             max_body_bytes: self.max_body_bytes,
             concurrency: self.concurrency,
             reorder_window,
             slots: Semaphore::new(self.concurrency),
         })))
+    }
+}
+
+/// Where the rate limit comes from.
+enum Rate {
+    PerSecond(u32),
+    Quota(Quota),
+    Shared(Arc<RateLimiter>),
+}
+
+impl fmt::Debug for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rate::PerSecond(rate) => write!(f, "{rate} per second"),
+            Rate::Quota(quota) => fmt::Debug::fmt(quota, f),
+            Rate::Shared(_) => f.write_str("shared limiter"),
+        }
     }
 }
 
@@ -287,7 +410,10 @@ impl<Id, T> fmt::Debug for FanOutBuilder<Id, T> {
         f.debug_struct("FanOutBuilder")
             .field("detail_url", &self.detail_url)
             .field("concurrency", &self.concurrency)
+            .field("rate", &self.rate)
+            .field("retry", &self.retry)
             .field("timeout", &self.timeout)
+            .field("deadline", &self.deadline)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("reorder_window", &self.reorder_window)
             // HeaderMap's Debug prints sensitive values as `Sensitive`.

@@ -171,8 +171,27 @@ impl Error {
         self
     }
 
-    pub(crate) fn with_id(mut self, id: &impl fmt::Display) -> Self {
-        self.inner.id = Some(id.to_string());
+    pub(crate) fn with_id(self, id: &impl fmt::Display) -> Self {
+        self.with_id_text(id.to_string())
+    }
+
+    pub(crate) fn with_id_text(mut self, id: String) -> Self {
+        self.inner.id = Some(id);
+        self
+    }
+
+    pub(crate) fn with_attempts(mut self, attempts: u32) -> Self {
+        self.inner.attempts = attempts;
+        self
+    }
+
+    /// Adds a sentence to the message, e.g. why no retry followed.
+    pub(crate) fn with_note(mut self, note: impl AsRef<str>) -> Self {
+        let message = &mut self.inner.message;
+        if !message.is_empty() {
+            message.push_str("; ");
+        }
+        message.push_str(note.as_ref());
         self
     }
 
@@ -247,6 +266,9 @@ impl fmt::Display for Inner {
         }
         if let Some(id) = &self.id {
             write!(f, " (id {id:?})")?;
+        }
+        if self.attempts > 1 {
+            write!(f, " after {} attempts", self.attempts)?;
         }
         if !self.message.is_empty() {
             write!(f, ": {}", self.message)?;

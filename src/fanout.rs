@@ -12,6 +12,8 @@ use tokio::sync::Semaphore;
 
 use crate::batch::Batch;
 use crate::builder::FanOutBuilder;
+use crate::rate::Throttle;
+use crate::retry::RetryPolicy;
 use crate::template::UrlTemplate;
 
 /// Fetches one JSON record per id from a detail endpoint, many at a time.
@@ -19,8 +21,9 @@ use crate::template::UrlTemplate;
 /// Build one with [`FanOut::builder`], then call [`fan_out`](FanOut::fan_out) with the
 /// ids and pick how to receive the results from the returned [`Batch`].
 ///
-/// `FanOut` is cheap to clone (an `Arc` inside). Clones share one concurrency limit:
-/// the limit belongs to the API being called, not to one call.
+/// `FanOut` is cheap to clone (an `Arc` inside). Clones, and the batches they run at the
+/// same time, share one concurrency limit and one rate limit: the limits belong to the
+/// API being called, not to one call.
 ///
 /// `Id` is anything with a `Display` form to put in the URL (numbers, strings, your own
 /// types); `T` is what each response body is decoded into.
@@ -34,7 +37,13 @@ pub(crate) struct Shared {
     pub(crate) client: reqwest::Client,
     pub(crate) template: UrlTemplate,
     pub(crate) headers: HeaderMap,
+    /// Per attempt.
     pub(crate) timeout: Duration,
+    /// Per id, across its attempts.
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) retry: RetryPolicy,
+    /// Shared by all batches and clones; the limiter inside may be shared further.
+    pub(crate) throttle: Option<Throttle>,
     pub(crate) max_body_bytes: usize,
     pub(crate) concurrency: usize,
     pub(crate) reorder_window: usize,
@@ -95,6 +104,9 @@ impl<Id, T> fmt::Debug for FanOut<Id, T> {
             .field("detail_url", &self.shared.template)
             .field("concurrency", &self.shared.concurrency)
             .field("timeout", &self.shared.timeout)
+            .field("deadline", &self.shared.deadline)
+            .field("retry", &self.shared.retry)
+            .field("rate_limited", &self.shared.throttle.is_some())
             .field("max_body_bytes", &self.shared.max_body_bytes)
             .finish_non_exhaustive()
     }

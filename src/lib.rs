@@ -80,13 +80,30 @@ mod batch;
 mod builder;
 mod error;
 mod fanout;
+mod rate;
 mod request;
+mod retry;
 mod template;
 
 pub use crate::batch::{AsCompleted, Batch, InOrder};
 pub use crate::builder::FanOutBuilder;
 pub use crate::error::{Error, ErrorKind};
 pub use crate::fanout::FanOut;
+pub use crate::rate::RateLimiter;
+pub use crate::retry::{FailedAttempt, RetryPolicy};
+
+/// A rate limit: so many requests per period, with a burst allowance. This is
+/// governor's `Quota`, re-exported so that you name the version `fanout` was built with.
+///
+/// ```
+/// use std::num::NonZeroU32;
+/// use fanout::Quota;
+///
+/// // 600 a minute, evenly spread, at most 5 at once after a quiet spell.
+/// let quota = Quota::per_minute(NonZeroU32::new(600).unwrap())
+///     .allow_burst(NonZeroU32::new(5).unwrap());
+/// ```
+pub use governor::Quota;
 
 /// The `reqwest` crate `fanout` is built with, so that a client you pass to
 /// [`FanOutBuilder::client`] is of the same version.

@@ -1,12 +1,15 @@
-//! One request: take a slot, send, read the body under the size cap, decode.
+//! One attempt: take a slot and a token, send, read the body under the size cap, decode.
 
 use bytes::{Bytes, BytesMut};
+use reqwest::header::HeaderMap;
 use reqwest::{Method, Response};
 use serde::de::DeserializeOwned;
+use tokio::sync::SemaphorePermit;
 use url::Url;
 
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
+use crate::retry::is_transient_status;
 
 /// How much of an error response's body is read, for the message, before giving up
 /// on it. Reading small error bodies to the end lets the connection be reused.
@@ -16,50 +19,87 @@ const ERROR_BODY_BYTES: usize = 64 * 1024;
 /// body grows as it arrives, so a lying header cannot make us allocate for nothing.
 const PREALLOCATE_AT_MOST: usize = 1024 * 1024;
 
-/// Fetches and decodes the record at `url`.
-pub(crate) async fn fetch<T: DeserializeOwned>(shared: &Shared, url: Url) -> Result<T, Error> {
+/// One failed attempt: the error, plus what the retry policy needs to judge it.
+pub(crate) struct Failure {
+    pub(crate) error: Error,
+    /// The response headers, kept when the attempt failed on its status.
+    pub(crate) headers: Option<HeaderMap>,
+    /// The default classification: worth another attempt.
+    pub(crate) transient: bool,
+}
+
+impl Failure {
+    fn new(error: Error, transient: bool) -> Self {
+        Failure {
+            error,
+            headers: None,
+            transient,
+        }
+    }
+}
+
+/// Waits for what an attempt needs before it may be sent: a concurrency slot, then a
+/// rate-limit token (in that order, so that no token is spent by a request that then
+/// queues for a slot). The slot is held until the returned permit is dropped.
+pub(crate) async fn ready(shared: &Shared) -> Result<SemaphorePermit<'_>, Error> {
     // The semaphore is never closed, so acquiring only fails if that invariant breaks.
-    let _slot = shared
+    let slot = shared
         .slots
         .acquire()
         .await
         .map_err(|_| Error::new(ErrorKind::Runtime, "the concurrency limiter was closed"))?;
+    if let Some(throttle) = &shared.throttle {
+        throttle.take().await;
+    }
+    Ok(slot)
+}
 
+/// Sends one attempt for `url` and decodes its body.
+pub(crate) async fn send<T: DeserializeOwned>(shared: &Shared, url: Url) -> Result<T, Failure> {
     let mut request = reqwest::Request::new(Method::GET, url);
     *request.headers_mut() = shared.headers.clone();
     *request.timeout_mut() = Some(shared.timeout);
 
     let mut response = shared.client.execute(request).await.map_err(|err| {
+        // A redirect loop or a request reqwest refuses to build will not get better.
+        let transient = !(err.is_redirect() || err.is_builder());
         let url = err.url().cloned();
-        classify(err, url, false)
+        Failure::new(classify(err, url, false), transient)
     })?;
 
     let status = response.status();
     if !status.is_success() {
         let body = read_prefix(&mut response, shared.max_body_bytes.min(ERROR_BODY_BYTES)).await;
-        return Err(
-            Error::request(ErrorKind::Status, response.url().clone(), "")
-                .with_status(status)
-                .with_body(&body),
-        );
+        let error = Error::request(ErrorKind::Status, response.url().clone(), "")
+            .with_status(status)
+            .with_body(&body);
+        return Err(Failure {
+            error,
+            headers: Some(std::mem::take(response.headers_mut())),
+            transient: is_transient_status(status),
+        });
     }
 
     let body = read_capped(&mut response, shared.max_body_bytes)
         .await
         .map_err(|failure| match failure {
-            ReadFailure::TooLarge(message) => {
+            ReadFailure::TooLarge(message) => Failure::new(
                 Error::request(ErrorKind::TooLarge, response.url().clone(), message)
-                    .with_status(status)
-            }
-            ReadFailure::Transport(err) => {
-                classify(err, Some(response.url().clone()), true).with_status(status)
-            }
+                    .with_status(status),
+                false,
+            ),
+            // The connection broke mid-body: the next attempt may well get all of it.
+            ReadFailure::Transport(err) => Failure::new(
+                classify(err, Some(response.url().clone()), true).with_status(status),
+                true,
+            ),
         })?;
 
     decode(&body).map_err(|message| {
-        Error::request(ErrorKind::Decode, response.url().clone(), message)
+        let error = Error::request(ErrorKind::Decode, response.url().clone(), message)
             .with_status(status)
-            .with_body(&body)
+            .with_body(&body);
+        Failure::new(error, false)
     })
 }
 

@@ -1,9 +1,10 @@
 //! Each way a request can fail becomes the right `ErrorKind`, with the id attached.
+//! Retries are off here: each test is about what one attempt makes of one failure.
 
 use std::time::Duration;
 
 use fanout::reqwest::StatusCode;
-use fanout::{Error, ErrorKind, FanOut};
+use fanout::{Error, ErrorKind, FanOut, RetryPolicy};
 use serde::Deserialize;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -42,9 +43,13 @@ async fn fetch_one_with(
     id: &str,
     configure: impl FnOnce(fanout::FanOutBuilder<String, Video>) -> fanout::FanOutBuilder<String, Video>,
 ) -> Error {
-    let fan = configure(FanOut::builder().detail_url(&format!("{}/videos/{{id}}", server.uri())))
-        .build()
-        .unwrap();
+    let fan = configure(
+        FanOut::builder()
+            .detail_url(&format!("{}/videos/{{id}}", server.uri()))
+            .retry(RetryPolicy::none()),
+    )
+    .build()
+    .unwrap();
     let mut results = fan.fan_out([id.to_owned()]).collect_ordered().await;
     let err = results.pop().unwrap().unwrap_err();
     assert_eq!(err.id(), Some(id), "{err}");
@@ -263,6 +268,7 @@ fn numbers(addr: std::net::SocketAddr, cap: usize) -> FanOut<u32, Vec<u32>> {
     FanOut::builder()
         .detail_url(&format!("http://{addr}/n/{{id}}"))
         .max_body_bytes(cap)
+        .retry(RetryPolicy::none())
         .build()
         .unwrap()
 }

@@ -13,9 +13,15 @@ use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
 use tokio::task::{JoinError, JoinHandle};
 
+use super::Sleepers;
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
-use crate::request::fetch;
+use crate::retry::fetch;
+
+/// How many ids may be admitted per concurrency slot, counting those asleep between
+/// retries. Sleeping ids free their slot for another id, but a server that fails
+/// everything must not make the number of admitted ids (and memory) grow without end.
+const ADMITTED_PER_SLOT: usize = 4;
 
 /// One id's outcome and its position in the input.
 pub(crate) struct Done<Id, T> {
@@ -29,11 +35,14 @@ pub(crate) struct Core<Id, T> {
     /// `None` once the input is exhausted.
     ids: Option<BoxStream<'static, Id>>,
     running: FuturesUnordered<Running<Id, T>>,
+    /// Which of the running ids are waiting out a retry delay.
+    sleepers: Arc<Sleepers>,
+    /// Most ids admitted at once, asleep or not.
+    max_admitted: usize,
     next_seq: u64,
     /// Looked up on first poll, so that building a batch needs no runtime.
     runtime: Option<Result<Handle, ()>>,
-    /// Scratch space reused for every id's `Display` form and rendered URL.
-    id_text: String,
+    /// Scratch space reused for every rendered URL.
     url_text: String,
     /// Set by outputs that end at the first error, so that an error frees no slot
     /// for a request nobody will wait for.
@@ -46,13 +55,15 @@ where
     T: DeserializeOwned + Send + 'static,
 {
     pub(crate) fn new(shared: Arc<Shared>, ids: BoxStream<'static, Id>) -> Self {
+        let max_admitted = shared.concurrency.saturating_mul(ADMITTED_PER_SLOT);
         Core {
             shared,
             ids: Some(ids),
             running: FuturesUnordered::new(),
+            sleepers: Arc::new(Sleepers::default()),
+            max_admitted,
             next_seq: 0,
             runtime: None,
-            id_text: String::new(),
             url_text: String::new(),
             stop_on_error: false,
         }
@@ -68,8 +79,9 @@ where
     }
 
     /// The next outcome to finish. New ids are admitted while fewer than `concurrency`
-    /// are running and their position is below `admit_below` (the in-order output's
-    /// window; `u64::MAX` for none).
+    /// are running and awake (ids asleep between retries hold no slot), at most
+    /// `max_admitted` in all, and while their position is below `admit_below` (the
+    /// in-order output's window; `u64::MAX` for none).
     pub(crate) fn poll_done(
         &mut self,
         cx: &mut Context<'_>,
@@ -105,7 +117,14 @@ where
     }
 
     fn admit(&mut self, cx: &mut Context<'_>, admit_below: u64) {
-        while self.running.len() < self.shared.concurrency && self.next_seq < admit_below {
+        // Registered before counting, so that an id falling asleep after the count
+        // wakes us to admit another.
+        self.sleepers.register(cx.waker());
+        while self.running.len() < self.max_admitted
+            && self.running.len() - self.sleepers.count().min(self.running.len())
+                < self.shared.concurrency
+            && self.next_seq < admit_below
+        {
             let Some(ids) = self.ids.as_mut() else { return };
             let id = match ids.poll_next_unpin(cx) {
                 Poll::Ready(Some(id)) => id,
@@ -139,24 +158,23 @@ where
                 )));
             }
         };
-        self.id_text.clear();
+        let mut id_text = String::new();
         // Writing to a String only fails if the `Display` impl itself reports an error.
-        if write!(self.id_text, "{id}").is_err() {
+        if write!(id_text, "{id}").is_err() {
             return State::Decided(Some(Error::new(
                 ErrorKind::InvalidId,
                 "the id's Display implementation returned an error",
             )));
         }
-        match self
-            .shared
-            .template
-            .render(&self.id_text, &mut self.url_text)
-        {
+        match self.shared.template.render(&id_text, &mut self.url_text) {
             Ok(url) => {
                 let shared = Arc::clone(&self.shared);
-                State::Task(runtime.spawn(async move { fetch(&shared, url).await }))
+                let sleepers = Arc::clone(&self.sleepers);
+                State::Task(
+                    runtime.spawn(async move { fetch(&shared, id_text, url, &sleepers).await }),
+                )
             }
-            Err(err) => State::Decided(Some(err)),
+            Err(err) => State::Decided(Some(err.with_id_text(id_text))),
         }
     }
 }
@@ -199,7 +217,14 @@ impl<Id: Display, T> Future for Running<Id, T> {
             // FuturesUnordered never polls a future again after it completed.
             return Poll::Pending;
         };
-        let result = result.map_err(|err| err.with_id(&id));
+        // Errors from the task and from rendering name their id already.
+        let result = result.map_err(|err| {
+            if err.id().is_none() {
+                err.with_id(&id)
+            } else {
+                err
+            }
+        });
         Poll::Ready(Done { seq, id, result })
     }
 }

@@ -1,0 +1,57 @@
+//! The token bucket every attempt passes before it is sent.
+
+use std::sync::Arc;
+
+use governor::clock::Clock as _;
+
+/// The token bucket `fanout` uses: governor's direct (unkeyed) GCRA limiter on its
+/// default clock.
+///
+/// Make one and hand it to several builders with
+/// [`FanOutBuilder::rate_limiter`](crate::FanOutBuilder::rate_limiter) when different
+/// endpoints of one API share one quota:
+///
+/// ```
+/// use std::num::NonZeroU32;
+/// use std::sync::Arc;
+/// use fanout::{Quota, RateLimiter};
+///
+/// let quota = Quota::per_second(NonZeroU32::new(50).unwrap());
+/// let limiter = Arc::new(RateLimiter::direct(quota));
+/// ```
+pub type RateLimiter = governor::DefaultDirectRateLimiter;
+
+/// A rate limiter plus the queue in front of it.
+///
+/// Attempts wait their turn in a FIFO queue and only the head of the queue sleeps on
+/// the limiter. Without the queue every waiting attempt would wake at the same instant
+/// for each token and all but one would go back to sleep.
+pub(crate) struct Throttle {
+    limiter: Arc<RateLimiter>,
+    queue: tokio::sync::Mutex<()>,
+}
+
+impl Throttle {
+    pub(crate) fn new(limiter: Arc<RateLimiter>) -> Self {
+        Throttle {
+            limiter,
+            queue: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Waits until a token is available and takes it.
+    pub(crate) async fn take(&self) {
+        // Fast path: a free token and nobody queued before us.
+        if let Ok(_turn) = self.queue.try_lock()
+            && self.limiter.check().is_ok()
+        {
+            return;
+        }
+        // The guard is held across the sleep on purpose: it is the queue.
+        let _turn = self.queue.lock().await;
+        while let Err(not_until) = self.limiter.check() {
+            let wait = not_until.wait_time_from(self.limiter.clock().now());
+            tokio::time::sleep(wait).await;
+        }
+    }
+}

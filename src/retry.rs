@@ -1,0 +1,10 @@
+//! Retrying transient failures: the policy, `Retry-After`, and the per-id loop.
+
+mod policy;
+mod retry_after;
+mod run;
+
+pub use self::policy::{FailedAttempt, RetryPolicy};
+
+pub(crate) use self::policy::is_transient_status;
+pub(crate) use self::run::fetch;

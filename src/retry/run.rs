@@ -1,0 +1,147 @@
+//! One id from its first attempt to its outcome: retries, their delays, `Retry-After`,
+//! `max_elapsed` and the id's deadline.
+
+use std::time::{Duration, SystemTime};
+
+use serde::de::DeserializeOwned;
+use tokio::time::{Instant, timeout_at};
+use url::Url;
+
+use super::policy::FailedAttempt;
+use super::retry_after::retry_after;
+use crate::batch::Sleepers;
+use crate::error::{Error, ErrorKind};
+use crate::fanout::Shared;
+use crate::request::{Failure, ready, send};
+
+/// Fetches and decodes the record for `id` at `url`, retrying as the policy allows.
+/// Every error names the id and how many attempts were made.
+pub(crate) async fn fetch<T: DeserializeOwned>(
+    shared: &Shared,
+    id: String,
+    url: Url,
+    sleepers: &Sleepers,
+) -> Result<T, Error> {
+    attempts(shared, &id, url, sleepers)
+        .await
+        .map_err(|err| err.with_id_text(id))
+}
+
+async fn attempts<T: DeserializeOwned>(
+    shared: &Shared,
+    id: &str,
+    url: Url,
+    sleepers: &Sleepers,
+) -> Result<T, Error> {
+    let policy = &shared.retry;
+    let mut made: u32 = 0;
+    // Both clocks start when the first attempt is sent, not when the id was admitted:
+    // time spent waiting for a slot or a rate-limit token is not the server's fault.
+    let mut first_sent = None;
+    let mut deadline = None;
+    let mut delays = None;
+
+    loop {
+        let slot = match deadline {
+            None => ready(shared).await?,
+            Some(at) => match timeout_at(at, ready(shared)).await {
+                Ok(slot) => slot?,
+                Err(_) => return Err(past_deadline(shared, url, made, "while waiting to retry")),
+            },
+        };
+        made += 1;
+        let first = *first_sent.get_or_insert_with(Instant::now);
+        if deadline.is_none() {
+            deadline = shared.deadline.map(|limit| first + limit);
+        }
+        let result = match deadline {
+            None => send(shared, url.clone()).await,
+            Some(at) => match timeout_at(at, send(shared, url.clone())).await {
+                Ok(result) => result,
+                Err(_) => return Err(past_deadline(shared, url, made, "during an attempt")),
+            },
+        };
+        drop(slot);
+
+        let failure = match result {
+            Ok(value) => return Ok(value),
+            Err(failure) => failure,
+        };
+        let Failure {
+            error,
+            headers,
+            transient,
+        } = failure;
+        let error = error.with_attempts(made);
+        let seen = FailedAttempt {
+            error: &error,
+            headers: headers.as_ref(),
+            attempt: made,
+            transient,
+        };
+        if !policy.should_retry(&seen) {
+            return Err(error);
+        }
+        let Some(bound) = delays.get_or_insert_with(|| policy.delays()).next() else {
+            return Err(error); // retries used up
+        };
+
+        let mut delay = policy.jittered(bound);
+        if let Some(asked) = headers
+            .as_ref()
+            .and_then(|headers| retry_after(headers, SystemTime::now()))
+        {
+            let limit = policy.retry_after_limit();
+            if asked > limit {
+                return Err(error.with_note(format!(
+                    "not retried: the server asked to wait {} (Retry-After), longer than \
+                     max_retry_after ({})",
+                    seconds(asked),
+                    seconds(limit)
+                )));
+            }
+            delay = delay.max(asked);
+        }
+
+        let resume = Instant::now() + delay;
+        if let Some(limit) = policy.max_elapsed_limit()
+            && resume > first + limit
+        {
+            return Err(error.with_note(format!(
+                "not retried: the next attempt would start after max_elapsed ({})",
+                seconds(limit)
+            )));
+        }
+        if let Some(at) = deadline
+            && resume >= at
+        {
+            return Err(error.with_note(
+                "not retried: the next attempt could not start before the id's deadline",
+            ));
+        }
+
+        tracing::debug!(
+            id,
+            attempt = made,
+            delay_ms = delay.as_millis() as u64,
+            reason = %error,
+            "retrying",
+        );
+        sleepers.sleep_until(resume).await;
+    }
+}
+
+fn past_deadline(shared: &Shared, url: Url, made: u32, when: &str) -> Error {
+    let limit = shared.deadline.unwrap_or_default();
+    Error::request(
+        ErrorKind::Timeout,
+        url,
+        format!("the id's deadline ({}) passed {when}", seconds(limit)),
+    )
+    .with_attempts(made)
+}
+
+/// `1.5 s`, `60 s`: what a person reads in an error message.
+fn seconds(duration: Duration) -> String {
+    format!("{} s", duration.as_secs_f64())
+}
