@@ -157,3 +157,90 @@ pub async fn eventually(limit: Duration, check: impl Fn() -> bool) -> bool {
     }
     check()
 }
+
+/// When each request arrived at a wiremock server, and for which path: timing facts
+/// measured on the server side.
+#[derive(Clone, Default)]
+pub struct Arrivals(Arc<Mutex<Vec<(std::time::Instant, String)>>>);
+
+impl Arrivals {
+    /// Answers like `answer`, after noting the request's arrival.
+    pub fn answer(&self, answer: impl wiremock::Respond + 'static) -> Stamp {
+        Stamp {
+            arrivals: self.clone(),
+            answer: Box::new(answer),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    pub fn times(&self) -> Vec<std::time::Instant> {
+        self.0.lock().unwrap().iter().map(|(at, _)| *at).collect()
+    }
+
+    /// Arrival times of requests for `path`.
+    pub fn times_of(&self, path: &str) -> Vec<std::time::Instant> {
+        let log = self.0.lock().unwrap();
+        log.iter()
+            .filter(|(_, p)| p == path)
+            .map(|(at, _)| *at)
+            .collect()
+    }
+
+    /// Paths in arrival order.
+    pub fn paths(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    /// The most requests that arrived within any span of `window` (inclusive).
+    pub fn most_within(&self, window: Duration) -> usize {
+        let mut times = self.times();
+        times.sort();
+        let mut most = 0;
+        let mut start = 0;
+        for end in 0..times.len() {
+            while times[end] - times[start] > window {
+                start += 1;
+            }
+            most = most.max(end - start + 1);
+        }
+        most
+    }
+
+    /// Time from the first arrival to the last.
+    pub fn span(&self) -> Duration {
+        let times = self.times();
+        match (times.iter().min(), times.iter().max()) {
+            (Some(first), Some(last)) => *last - *first,
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// A responder that notes arrivals; made by [`Arrivals::answer`].
+pub struct Stamp {
+    arrivals: Arrivals,
+    answer: Box<dyn wiremock::Respond>,
+}
+
+impl wiremock::Respond for Stamp {
+    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let now = std::time::Instant::now();
+        let path = request.url.path().to_owned();
+        self.arrivals.0.lock().unwrap().push((now, path));
+        self.answer.respond(request)
+    }
+}
+
+/// A 200 answer with `{"id": "<last path segment>"}`.
+pub fn echo_id(request: &wiremock::Request) -> wiremock::ResponseTemplate {
+    let id = request.url.path().rsplit('/').next().unwrap_or_default();
+    wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({ "id": id }))
+}
