@@ -57,10 +57,34 @@
 //!
 //! # How a request runs
 //!
-//! For each id: take a concurrency slot → send (with the configured headers, query and
-//! per-attempt timeout) → read the body, stopping at the size cap → decode the JSON
-//! into `T` → release the slot. Non-2xx answers, transport failures, oversized bodies
-//! and undecodable JSON each become an [`Error`] of their own [`ErrorKind`].
+//! For each attempt at an id: take a concurrency slot → wait for a rate-limit token
+//! (if a rate is set) → send, with the configured headers, query and per-attempt
+//! timeout → read the body, stopping at the size cap → decode the JSON into `T` →
+//! release the slot. Non-2xx answers, transport failures, oversized bodies and
+//! undecodable JSON each become an [`Error`] of their own [`ErrorKind`].
+//!
+//! Transient failures (connection errors, timeouts, a dropped connection, 408, 429,
+//! 500, 502, 503, 504) are retried by the [`RetryPolicy`]: by default up to 3 times,
+//! after exponentially growing delays with full jitter, or after the server's
+//! `Retry-After` when that is longer. An id waiting to retry holds no slot, but every
+//! retry takes a token. When retries run out, the id's error is its last failure and
+//! [`Error::attempts`] says how many were made.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use fanout::{FanOut, RetryPolicy};
+//!
+//! # #[derive(serde::Deserialize)] struct Player;
+//! let players = FanOut::<u64, Player>::builder()
+//!     .detail_url("https://api.example.com/players/{id}")
+//!     .concurrency(32)
+//!     .requests_per_second(50) // token bucket, shared by clones and batches
+//!     .retry(RetryPolicy::exponential().max_retries(5))
+//!     .timeout(Duration::from_secs(10)) // per attempt
+//!     .deadline(Duration::from_secs(60)) // per id, across attempts
+//!     .build()?;
+//! # Ok::<(), fanout::Error>(())
+//! ```
 //!
 //! # Choosing an output
 //!

@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-use governor::clock::Clock as _;
-
 /// The token bucket `fanout` uses: governor's direct (unkeyed) GCRA limiter on its
 /// default clock.
 ///
@@ -47,11 +45,11 @@ impl Throttle {
         {
             return;
         }
-        // The guard is held across the sleep on purpose: it is the queue.
+        // The guard is held across the wait on purpose: it is the queue.
         let _turn = self.queue.lock().await;
-        while let Err(not_until) = self.limiter.check() {
-            let wait = not_until.wait_time_from(self.limiter.clock().now());
-            tokio::time::sleep(wait).await;
-        }
+        // governor's own wait sleeps on a timer with sub-millisecond precision; Tokio's
+        // millisecond ticks would waste part of every interval at high rates with a
+        // small burst.
+        self.limiter.until_ready().await;
     }
 }

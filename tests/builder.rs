@@ -1,9 +1,11 @@
 //! Every invalid setting is a typed error from `build()`, with a message that says
 //! what to fix; nothing panics.
 
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
-use fanout::{ErrorKind, FanOut, FanOutBuilder};
+use fanout::{ErrorKind, FanOut, FanOutBuilder, Quota, RateLimiter, RetryPolicy};
 
 type Builder = FanOutBuilder<u32, serde_json::Value>;
 
@@ -118,6 +120,47 @@ fn number_problems() {
         builder().reorder_window(0),
         ErrorKind::InvalidConfig,
         "reorder_window",
+    );
+    assert_fails(
+        builder().deadline(Duration::ZERO),
+        ErrorKind::InvalidConfig,
+        "deadline",
+    );
+    assert_fails(
+        builder().requests_per_second(0),
+        ErrorKind::InvalidConfig,
+        "requests_per_second must be at least 1",
+    );
+    assert_fails(
+        builder().retry(
+            RetryPolicy::exponential()
+                .initial_delay(Duration::from_secs(2))
+                .max_delay(Duration::from_secs(1)),
+        ),
+        ErrorKind::InvalidConfig,
+        "max_delay (1s) is shorter than its initial_delay (2s)",
+    );
+}
+
+#[test]
+fn the_last_rate_setting_wins() {
+    let quota = Quota::per_minute(NonZeroU32::new(60).unwrap());
+    // A bad earlier setting is replaced, not reported.
+    builder()
+        .requests_per_second(0)
+        .rate_limit(quota)
+        .build()
+        .unwrap();
+    let limiter = Arc::new(RateLimiter::direct(quota));
+    builder()
+        .requests_per_second(0)
+        .rate_limiter(limiter)
+        .build()
+        .unwrap();
+    assert_fails(
+        builder().rate_limit(quota).requests_per_second(0),
+        ErrorKind::InvalidConfig,
+        "requests_per_second",
     );
 }
 
