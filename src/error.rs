@@ -76,7 +76,8 @@ pub enum ErrorKind {
     Decode,
     /// The response body is larger than the configured maximum; reading stopped at the cap.
     TooLarge,
-    /// The request's task panicked (a panic in `T`'s `Deserialize` impl); the panic was
+    /// The request's task panicked (a panic in `T`'s `Deserialize` impl or in a
+    /// [`RetryPolicy::retry_if`](crate::RetryPolicy::retry_if) closure); the panic was
     /// caught so that the rest of the batch goes on. (The id's `Display` impl runs in
     /// the consumer's task, where a panic is not caught.)
     Panic,

@@ -191,7 +191,8 @@ impl RetryPolicy {
         if self.jitter {
             // Full jitter: uniform over [0, bound). (backon's own jitter adds to the
             // bound instead, so that ids never retry earlier than it.)
-            bound.mul_f64(fastrand::f64())
+            // (Computed in f64 seconds, which cannot overflow below a bound that fits.)
+            Duration::try_from_secs_f64(bound.as_secs_f64() * fastrand::f64()).unwrap_or(bound)
         } else {
             bound
         }
@@ -297,6 +298,21 @@ mod tests {
         assert!(draws.iter().all(|d| *d < bound));
         let low = draws.iter().filter(|d| **d < bound / 2).count();
         assert!((350..=650).contains(&low), "{low} of 1000 below half");
+    }
+
+    #[test]
+    fn extreme_settings_do_not_panic() {
+        let policy = RetryPolicy::exponential()
+            .max_retries(u32::MAX)
+            .initial_delay(Duration::MAX)
+            .max_delay(Duration::MAX);
+        for bound in policy.delays().take(3) {
+            assert!(policy.jittered(bound) <= Duration::MAX);
+        }
+        let zero = RetryPolicy::exponential()
+            .initial_delay(Duration::ZERO)
+            .max_delay(Duration::ZERO);
+        assert!(zero.delays().all(|bound| zero.jittered(bound).is_zero()));
     }
 
     #[test]

@@ -52,7 +52,8 @@ async fn attempts<T: DeserializeOwned>(
         made += 1;
         let first = *first_sent.get_or_insert_with(Instant::now);
         if deadline.is_none() {
-            deadline = shared.deadline.map(|limit| first + limit);
+            // A deadline too far ahead to represent is no deadline.
+            deadline = shared.deadline.and_then(|limit| first.checked_add(limit));
         }
         let result = match deadline {
             None => send(shared, url.clone()).await,
@@ -103,9 +104,13 @@ async fn attempts<T: DeserializeOwned>(
             delay = delay.max(asked);
         }
 
-        let resume = Instant::now() + delay;
+        // Delays are bounded by max_delay and max_retry_after, which a caller may set
+        // to absurd values: a resume time past what an Instant holds is "never".
+        let Some(resume) = Instant::now().checked_add(delay) else {
+            return Err(error.with_note("not retried: the retry delay is too long"));
+        };
         if let Some(limit) = policy.max_elapsed_limit()
-            && resume > first + limit
+            && first.checked_add(limit).is_some_and(|end| resume > end)
         {
             return Err(error.with_note(format!(
                 "not retried: the next attempt would start after max_elapsed ({})",
