@@ -186,10 +186,12 @@ impl<Id, T> FanOutBuilder<Id, T> {
     }
 
     /// Time allowed for one id across all its attempts and the delays between them,
-    /// counted from when its first attempt is sent. An attempt still running at the
-    /// deadline is cancelled and the id fails with [`ErrorKind::Timeout`] (and
-    /// [`Error::attempts`] says how many attempts ran); a retry that could not start
-    /// before the deadline is not made.
+    /// counted from when its first attempt is sent (waiting for that first attempt's
+    /// slot and token does not count; a retry's wait does). When the deadline passes
+    /// during an attempt, the attempt is cancelled; when a retry could not start before
+    /// it, none is made. Either way the id fails with [`ErrorKind::Timeout`],
+    /// [`Error::attempts`] says how many attempts ran, and the previous attempt's
+    /// failure, if any, is the error's `source()`.
     ///
     /// Default: none; each attempt is bounded by [`timeout`](Self::timeout) and the
     /// number of attempts by the [`RetryPolicy`].
@@ -301,8 +303,8 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// - [`ErrorKind::InvalidConfig`]: `concurrency`, `max_body_bytes`,
     ///   `reorder_window` or `requests_per_second` is 0, `concurrency` exceeds
     ///   2<sup>60</sup>, `timeout` or `deadline` is zero, the retry policy's
-    ///   `max_delay` is shorter than its `initial_delay`, or the default HTTP client
-    ///   cannot be created.
+    ///   `max_delay` is shorter than its `initial_delay` (or its `initial_delay` is
+    ///   zero and its `max_delay` is not), or the default HTTP client cannot be created.
     pub fn build(self) -> Result<FanOut<Id, T>, Error> {
         if let Some(err) = self.header_error {
             return Err(err);

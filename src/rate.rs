@@ -21,8 +21,9 @@ pub type RateLimiter = governor::DefaultDirectRateLimiter;
 
 /// A rate limiter plus the queue in front of it.
 ///
-/// Attempts wait their turn in a FIFO queue and only the head of the queue sleeps on
-/// the limiter. Without the queue every waiting attempt would wake at the same instant
+/// Attempts of one `FanOut` (all its clones and batches) wait their turn in a FIFO
+/// queue, and only the head of the queue sleeps on the limiter. `FanOut`s sharing a
+/// limiter have a queue each, whose heads take turns at the limiter. Without the queue every waiting attempt would wake at the same instant
 /// for each token and all but one would go back to sleep.
 pub(crate) struct Throttle {
     limiter: Arc<RateLimiter>,

@@ -45,10 +45,10 @@ async fn sixty_requests_at_twenty_a_second_take_three_seconds() {
         .await;
     assert!(results.iter().all(Result::is_ok));
     assert_eq!(arrivals.count(), 60);
-    // 59 gaps of 50 ms.
+    // 59 gaps of 50 ms, less some slack for the first request's connection set-up.
     let span = arrivals.span();
     assert!(
-        span >= Duration::from_millis(2900),
+        span >= Duration::from_millis(2850),
         "60 requests in {span:?}"
     );
     let most = arrivals.most_within(Duration::from_secs(1));
@@ -69,7 +69,7 @@ async fn requests_per_second_allows_a_burst_of_one_seconds_worth() {
     // 25 at once, then 25 more at 40 ms intervals: about one second in all.
     let span = arrivals.span();
     assert!(
-        span >= Duration::from_millis(950),
+        span >= Duration::from_millis(900),
         "50 requests in {span:?}"
     );
     assert!(
@@ -96,7 +96,7 @@ async fn clones_and_concurrent_batches_share_one_quota() {
     // One quota for all three: 44 gaps of 50 ms. Three separate ones would take 0.7 s.
     let span = arrivals.span();
     assert!(
-        span >= Duration::from_millis(2150),
+        span >= Duration::from_millis(2100),
         "45 requests in {span:?}"
     );
     let most = arrivals.most_within(Duration::from_secs(1));
@@ -126,7 +126,7 @@ async fn fan_outs_given_one_limiter_share_its_quota() {
     b.unwrap();
     let span = arrivals.span();
     assert!(
-        span >= Duration::from_millis(1900),
+        span >= Duration::from_millis(1850),
         "40 requests in {span:?}"
     );
     let most = arrivals.most_within(Duration::from_secs(1));
@@ -160,7 +160,7 @@ async fn every_retry_takes_a_token_of_its_own() {
     assert_eq!(arrivals.count(), 20);
     let span = arrivals.span();
     assert!(
-        span >= Duration::from_millis(1850),
+        span >= Duration::from_millis(1800),
         "20 attempts in {span:?}"
     );
     let most = arrivals.most_within(Duration::from_secs(1));

@@ -153,15 +153,15 @@ async fn retry_after_in_seconds_is_waited_out() {
 async fn retry_after_as_an_http_date_is_waited_out() {
     let server = MockServer::start().await;
     let arrivals = Arrivals::default();
-    // Dates have whole seconds: two seconds ahead is at least one second ahead.
-    let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(2));
+    // Dates have whole seconds: three seconds ahead is at least two seconds ahead.
+    let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3));
     let busy = ResponseTemplate::new(503).insert_header("Retry-After", date.as_str());
     failing_then_ok(&server, &arrivals, "e", busy, 1).await;
     fetch_one(&client(&server, quick()), "e").await.unwrap();
     let times = arrivals.times();
     let gap = times[1] - times[0];
-    assert!(gap >= Duration::from_millis(950), "retried after {gap:?}");
-    assert!(gap < Duration::from_secs(4), "retried after {gap:?}");
+    assert!(gap >= Duration::from_millis(1500), "retried after {gap:?}");
+    assert!(gap < Duration::from_secs(5), "retried after {gap:?}");
 }
 
 #[tokio::test]
@@ -278,8 +278,7 @@ async fn a_deadline_cuts_an_id_short_across_its_attempts() {
         )
         .mount(&server)
         .await;
-    // Attempts at 0–300 ms and 350–650 ms, then the third (from 750 ms) meets the
-    // deadline at 1 s.
+    // Attempts at 0–300 ms and 350–650 ms, then a third from 750 ms.
     let policy = RetryPolicy::exponential()
         .max_retries(100)
         .initial_delay(Duration::from_millis(50))
@@ -293,14 +292,22 @@ async fn a_deadline_cuts_an_id_short_across_its_attempts() {
     let started = Instant::now();
     let err = fetch_one(&fan, "l").await.unwrap_err();
     let took = started.elapsed();
+    // Normally the third attempt is cut off at 1 s; on a slow machine the deadline
+    // may instead stop the third attempt from starting. Both are a timeout.
     assert!(err.is_timeout(), "{err}");
-    assert_eq!(err.attempts(), 3, "{err}");
-    assert_eq!(arrivals.count(), 3);
+    assert!(err.attempts() >= 2, "{err}");
+    assert_eq!(arrivals.count() as u32, err.attempts());
     assert!(err.to_string().contains("deadline (1 s)"), "{err}");
     assert!(
-        took >= Duration::from_millis(950) && took < Duration::from_millis(1500),
-        "{took:?}"
+        err.to_string()
+            .contains("had failed: unsuccessful HTTP status 503"),
+        "{err}"
     );
+    let before = std::error::Error::source(&err)
+        .and_then(|source| source.downcast_ref::<fanout::Error>())
+        .expect("the failure before the deadline is the source");
+    assert_eq!(before.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+    assert!(took < Duration::from_millis(1500), "{took:?}");
 }
 
 #[tokio::test]
@@ -321,6 +328,99 @@ async fn a_deadline_shorter_than_the_timeout_wins() {
     assert!(err.is_timeout(), "{err}");
     assert_eq!(err.attempts(), 1);
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn per_attempt_timeouts_are_retried_and_counted() {
+    let server = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    Mock::given(method("GET"))
+        .respond_with(arrivals.answer(|request: &wiremock::Request| {
+            echo_id(request).set_delay(Duration::from_secs(2))
+        }))
+        .mount(&server)
+        .await;
+    let fan = FanOut::<String, Item>::builder()
+        .detail_url(&format!("{}/items/{{id}}", server.uri()))
+        .timeout(Duration::from_millis(150))
+        .retry(quick().max_retries(2))
+        .build()
+        .unwrap();
+    let err = fetch_one(&fan, "o").await.unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert_eq!(err.attempts(), 3);
+    assert_eq!(arrivals.count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_can_end_a_retry_waiting_for_a_token_without_stalling_the_queue() {
+    let server = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    Mock::given(path("/items/a"))
+        .respond_with(arrivals.answer(ResponseTemplate::new(503)))
+        .mount(&server)
+        .await;
+    Mock::given(path("/items/b"))
+        .respond_with(arrivals.answer(echo_id))
+        .mount(&server)
+        .await;
+    // One token a second: "a" sends at once and fails; "b" heads the queue for the
+    // next token; a's retry queues behind it until a's deadline ends it.
+    let fan = FanOut::<String, Item>::builder()
+        .detail_url(&format!("{}/items/{{id}}", server.uri()))
+        .concurrency(2)
+        .rate_limit(fanout::Quota::per_second(
+            std::num::NonZeroU32::new(1).unwrap(),
+        ))
+        .retry(quick())
+        .deadline(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let mut results = fan
+        .fan_out(["a".to_owned(), "b".to_owned()])
+        .collect_ordered()
+        .await;
+    let b = results.pop().unwrap();
+    let a = results.pop().unwrap().unwrap_err();
+    assert!(a.is_timeout(), "{a}");
+    assert_eq!(a.attempts(), 1);
+    assert!(
+        a.to_string()
+            .contains("waited for a slot or a rate-limit token"),
+        "{a}"
+    );
+    assert_eq!(b.unwrap().id, "b");
+    assert_eq!(arrivals.paths(), ["/items/a", "/items/b"]);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[tokio::test]
+async fn limits_too_large_to_represent_mean_no_limit() {
+    let server = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    failing_then_ok(&server, &arrivals, "q", ResponseTemplate::new(503), 2).await;
+    let fan = FanOut::<String, Item>::builder()
+        .detail_url(&format!("{}/items/{{id}}", server.uri()))
+        .retry(quick().max_elapsed(Duration::MAX))
+        .deadline(Duration::MAX)
+        .build()
+        .unwrap();
+    assert_eq!(fetch_one(&fan, "q").await.unwrap().id, "q");
+
+    // A Retry-After of 10^22 seconds, allowed by the cap, cannot be waited for.
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(429).insert_header("Retry-After", "9999999999999999999999"),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let policy = quick().max_retry_after(Duration::MAX);
+    let err = fetch_one(&client(&server, policy), "r").await.unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::TOO_MANY_REQUESTS));
+    assert!(err.to_string().contains("too long"), "{err}");
 }
 
 /// A hand-written HTTP server: connection `n` (from 0) is answered by `answer(n, ..)`.
@@ -455,57 +555,4 @@ async fn a_server_failing_everything_keeps_admitted_ids_bounded() {
     // Sleeping ids let others in (more than 2 admitted), but never more than 4 per slot.
     assert!(most_admitted > 2, "{most_admitted}");
     assert!(most_admitted <= 8, "{most_admitted} ids admitted at once");
-}
-
-/// Collects what a `tracing` subscriber writes.
-#[derive(Clone, Default)]
-struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Log {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-// One thread, so the request tasks see the subscriber set for this test.
-#[tokio::test(flavor = "current_thread")]
-async fn each_retry_is_logged_at_debug_with_id_attempt_delay_and_reason() {
-    let log = Log::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
-
-    let server = MockServer::start().await;
-    let arrivals = Arrivals::default();
-    failing_then_ok(&server, &arrivals, "p", ResponseTemplate::new(503), 2).await;
-    let fan = FanOut::<String, Item>::builder()
-        .detail_url(&format!("{}/items/{{id}}", server.uri()))
-        .bearer_auth("s3cret-token")
-        .retry(quick())
-        .build()
-        .unwrap();
-    fetch_one(&fan, "p").await.unwrap();
-
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
-    let retries: Vec<&str> = text
-        .lines()
-        .filter(|line| line.contains("retrying"))
-        .collect();
-    assert_eq!(retries.len(), 2, "{text}");
-    for (n, line) in retries.iter().enumerate() {
-        assert!(line.contains("DEBUG"), "{line}");
-        assert!(line.contains("id=\"p\"") || line.contains("id=p"), "{line}");
-        assert!(line.contains(&format!("attempt={}", n + 1)), "{line}");
-        assert!(line.contains("delay_ms="), "{line}");
-        assert!(line.contains("503 Service Unavailable"), "{line}");
-    }
-    assert!(!text.contains("s3cret"), "{text}");
 }

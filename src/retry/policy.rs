@@ -53,6 +53,7 @@ type Classifier = dyn Fn(&FailedAttempt<'_>) -> bool + Send + Sync;
 ///     });
 /// ```
 #[derive(Clone)]
+#[must_use = "a RetryPolicy does nothing until given to FanOutBuilder::retry"]
 pub struct RetryPolicy {
     max_retries: u32,
     initial_delay: Duration,
@@ -92,7 +93,7 @@ impl RetryPolicy {
     }
 
     /// Upper bound of the first retry's delay; each later retry doubles it, up to
-    /// [`max_delay`](Self::max_delay).
+    /// [`max_delay`](Self::max_delay). Zero (with a zero `max_delay`) retries at once.
     ///
     /// Default: 200 ms.
     pub fn initial_delay(mut self, delay: Duration) -> Self {
@@ -157,6 +158,14 @@ impl RetryPolicy {
     }
 
     pub(crate) fn validate(&self) -> Result<(), Error> {
+        if self.initial_delay.is_zero() && !self.max_delay.is_zero() {
+            // Doubling zero stays zero: max_delay would never be reached.
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "the retry policy's initial_delay is zero, so every delay would be zero; \
+                 make it longer, or set max_delay to zero too for immediate retries",
+            ));
+        }
         if self.max_delay < self.initial_delay {
             return Err(Error::new(
                 ErrorKind::InvalidConfig,
@@ -301,18 +310,25 @@ mod tests {
     }
 
     #[test]
-    fn extreme_settings_do_not_panic() {
-        let policy = RetryPolicy::exponential()
-            .max_retries(u32::MAX)
-            .initial_delay(Duration::MAX)
-            .max_delay(Duration::MAX);
-        for bound in policy.delays().take(3) {
-            assert!(policy.jittered(bound) <= Duration::MAX);
+    fn jitter_near_the_largest_duration_does_not_overflow() {
+        let policy = RetryPolicy::default();
+        for _ in 0..1000 {
+            assert!(policy.jittered(Duration::MAX) < Duration::MAX);
         }
         let zero = RetryPolicy::exponential()
             .initial_delay(Duration::ZERO)
             .max_delay(Duration::ZERO);
+        zero.validate().unwrap();
         assert!(zero.delays().all(|bound| zero.jittered(bound).is_zero()));
+    }
+
+    #[test]
+    fn a_zero_initial_delay_with_room_to_grow_is_refused() {
+        let err = RetryPolicy::default()
+            .initial_delay(Duration::ZERO)
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("initial_delay is zero"), "{err}");
     }
 
     #[test]

@@ -40,16 +40,24 @@ async fn attempts<T: DeserializeOwned>(
     let mut first_sent = None;
     let mut deadline = None;
     let mut delays = None;
+    // The previous attempt's failure, for the message if the deadline ends the id.
+    let mut last: Option<Error> = None;
 
     loop {
         let slot = match deadline {
             None => ready(shared).await?,
             Some(at) => match timeout_at(at, ready(shared)).await {
                 Ok(slot) => slot?,
-                Err(_) => return Err(past_deadline(shared, url, made, "while waiting to retry")),
+                Err(_) => {
+                    let when = format!(
+                        "passed while attempt {} waited for a slot or a rate-limit token",
+                        made + 1
+                    );
+                    return Err(past_deadline(shared, url, made, &when, last));
+                }
             },
         };
-        made += 1;
+        made = made.saturating_add(1);
         let first = *first_sent.get_or_insert_with(Instant::now);
         if deadline.is_none() {
             // A deadline too far ahead to represent is no deadline.
@@ -59,7 +67,10 @@ async fn attempts<T: DeserializeOwned>(
             None => send(shared, url.clone()).await,
             Some(at) => match timeout_at(at, send(shared, url.clone())).await {
                 Ok(result) => result,
-                Err(_) => return Err(past_deadline(shared, url, made, "during an attempt")),
+                Err(_) => {
+                    let when = format!("passed during attempt {made}");
+                    return Err(past_deadline(shared, url, made, &when, last));
+                }
             },
         };
         drop(slot);
@@ -120,30 +131,42 @@ async fn attempts<T: DeserializeOwned>(
         if let Some(at) = deadline
             && resume >= at
         {
-            return Err(error.with_note(
-                "not retried: the next attempt could not start before the id's deadline",
-            ));
+            let when = format!("would pass before attempt {} could start", made + 1);
+            return Err(past_deadline(shared, url, made, &when, Some(error)));
         }
 
         tracing::debug!(
             id,
             attempt = made,
-            delay_ms = delay.as_millis() as u64,
+            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
             reason = %error,
             "retrying",
         );
+        last = Some(error);
         sleepers.sleep_until(resume).await;
     }
 }
 
-fn past_deadline(shared: &Shared, url: Url, made: u32, when: &str) -> Error {
+/// The error of an id that its deadline ended: a timeout, whatever the attempts before
+/// it ran into, which is kept as the source and summed up in the message.
+fn past_deadline(shared: &Shared, url: Url, made: u32, when: &str, last: Option<Error>) -> Error {
     let limit = shared.deadline.unwrap_or_default();
-    Error::request(
-        ErrorKind::Timeout,
-        url,
-        format!("the id's deadline ({}) passed {when}", seconds(limit)),
-    )
-    .with_attempts(made)
+    let mut message = format!("the id's deadline ({}) {when}", seconds(limit));
+    if let Some(last) = &last {
+        message.push_str(&format!(
+            "; attempt {} had failed: {}",
+            last.attempts(),
+            last.kind()
+        ));
+        if let Some(status) = last.status() {
+            message.push_str(&format!(" {status}"));
+        }
+    }
+    let error = Error::request(ErrorKind::Timeout, url, message).with_attempts(made);
+    match last {
+        Some(last) => error.with_source(last),
+        None => error,
+    }
 }
 
 /// `1.5 s`, `60 s`: what a person reads in an error message.
