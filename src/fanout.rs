@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use reqwest::header::HeaderMap;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
@@ -89,6 +89,35 @@ where
         I::IntoIter: Send + 'static,
     {
         Batch::new(Arc::clone(&self.shared), futures::stream::iter(ids).boxed())
+    }
+
+    /// Like [`fan_out`](FanOut::fan_out), with ids from an async source: a database
+    /// cursor, lines of a file, a channel. The stream is polled only as slots free up,
+    /// so it is never drained into memory: at most 4 × `concurrency` ids are taken and
+    /// unfinished at any time, and no more than `concurrency` unless some are waiting
+    /// to retry.
+    ///
+    /// ```no_run
+    /// use futures::{Stream, StreamExt};
+    /// use tokio::io::AsyncBufReadExt;
+    /// # async fn run(players: fanout::FanOut<String, serde_json::Value>) -> std::io::Result<()> {
+    /// let file = tokio::io::BufReader::new(tokio::fs::File::open("ids.txt").await?);
+    /// // One id per line, read as the fan-out asks for more.
+    /// let ids = futures::stream::unfold(file.lines(), |mut lines| async move {
+    ///     let line = lines.next_line().await.ok().flatten()?;
+    ///     Some((line, lines))
+    /// });
+    /// let mut done = players.fan_out_stream(ids).as_completed();
+    /// while let Some((id, result)) = done.next().await {
+    ///     // write the result somewhere
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn fan_out_stream<S>(&self, ids: S) -> Batch<Id, T>
+    where
+        S: Stream<Item = Id> + Send + 'static,
+    {
+        Batch::new(Arc::clone(&self.shared), ids.boxed())
     }
 }
 

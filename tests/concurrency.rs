@@ -135,3 +135,35 @@ async fn requests_progress_while_the_consumer_is_busy() {
     );
     assert_eq!(stream.count().await, 7);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_200k_ids_is_pulled_only_as_capacity_frees_up() {
+    let server = GaugeServer::with_delay(Duration::ZERO).await;
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&pulled);
+    // An async source, as a database cursor would be: it yields now and then.
+    let ids = futures::stream::iter(0..200_000u32).then(move |id| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if id % 1000 == 0 {
+                tokio::task::yield_now().await;
+            }
+            id
+        }
+    });
+    let mut done = server.client(8).fan_out_stream(ids).as_completed();
+    let (mut finished, mut most_unfinished) = (0usize, 0usize);
+    while let Some((_, result)) = done.next().await {
+        result.unwrap();
+        finished += 1;
+        most_unfinished = most_unfinished.max(pulled.load(Ordering::SeqCst) - finished);
+    }
+    assert_eq!(finished, 200_000);
+    assert_eq!(server.gauge.requests(), 200_000);
+    // The documented bound is 4 × concurrency; with nothing retried it is the
+    // concurrency itself.
+    assert!(
+        most_unfinished <= 8,
+        "{most_unfinished} ids pulled and unfinished"
+    );
+}
