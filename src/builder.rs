@@ -10,9 +10,11 @@ use governor::Quota;
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::Semaphore;
+use url::Url;
 
 use crate::error::{Error, ErrorKind};
 use crate::fanout::{FanOut, Shared};
+use crate::list::{ListSettings, Pagination};
 use crate::rate::{RateLimiter, Throttle};
 use crate::retry::RetryPolicy;
 use crate::template::UrlTemplate;
@@ -21,6 +23,7 @@ const DEFAULT_CONCURRENCY: usize = 16;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 const REORDER_WINDOW_PER_SLOT: usize = 4;
+const DEFAULT_MAX_PAGES: usize = 100_000;
 const USER_AGENT: &str = concat!("fanout/", env!("CARGO_PKG_VERSION"));
 
 /// Configures a [`FanOut`]. Made by [`FanOut::builder`].
@@ -50,6 +53,12 @@ const USER_AGENT: &str = concat!("fanout/", env!("CARGO_PKG_VERSION"));
 pub struct FanOutBuilder<Id, T> {
     client: Option<reqwest::Client>,
     detail_url: Option<String>,
+    list_url: Option<String>,
+    ids_at: String,
+    id_field: String,
+    pagination: Pagination,
+    max_pages: usize,
+    dedup_ids: bool,
     concurrency: usize,
     rate: Option<Rate>,
     retry: RetryPolicy,
@@ -69,6 +78,12 @@ impl<Id, T> FanOutBuilder<Id, T> {
         FanOutBuilder {
             client: None,
             detail_url: None,
+            list_url: None,
+            ids_at: String::new(),
+            id_field: "id".to_owned(),
+            pagination: Pagination::none(),
+            max_pages: DEFAULT_MAX_PAGES,
+            dedup_ids: false,
             concurrency: DEFAULT_CONCURRENCY,
             rate: None,
             retry: RetryPolicy::default(),
@@ -105,6 +120,69 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// Required: there is no default.
     pub fn detail_url(mut self, template: &str) -> Self {
         self.detail_url = Some(template.to_owned());
+        self
+    }
+
+    /// The list endpoint that [`FanOut::list_ids`] reads the ids from, e.g.
+    /// `https://api.example.com/videos/?n=100`. Its pages may be a bare array of ids
+    /// (`["student", "draw"]`, `[1, 2, 3]`), an array of objects holding the id
+    /// ([`id_field`](Self::id_field)), or either of those inside a wrapper object
+    /// ([`ids_at`](Self::ids_at)); see [`paginate`](Self::paginate) for more than one
+    /// page. The query parameters of [`query`](Self::query) are not added to it.
+    ///
+    /// Default: none; `list_ids` then fails with [`ErrorKind::InvalidConfig`].
+    pub fn list_url(mut self, url: &str) -> Self {
+        self.list_url = Some(url.to_owned());
+        self
+    }
+
+    /// Where in a list page's JSON the array of ids is, as a JSON pointer (RFC 6901):
+    /// `/data` for `{"data": [...]}`, `/result/items` for deeper ones.
+    ///
+    /// Default: `""`, the whole body is the array.
+    pub fn ids_at(mut self, pointer: impl Into<String>) -> Self {
+        self.ids_at = pointer.into();
+        self
+    }
+
+    /// For a list of objects (`[{"id": 1, "title": ...}]`), the field that holds each
+    /// object's id. Elements that are not objects are taken as ids themselves.
+    ///
+    /// Default: `id`.
+    pub fn id_field(mut self, name: impl Into<String>) -> Self {
+        self.id_field = name.into();
+        self
+    }
+
+    /// How the list endpoint's pages link up; see [`Pagination`].
+    ///
+    /// Default: [`Pagination::none`], a single page.
+    pub fn paginate(mut self, pagination: Pagination) -> Self {
+        self.pagination = pagination;
+        self
+    }
+
+    /// The most list pages fetched. A list with more pages is an
+    /// [`ErrorKind::Pagination`] error rather than a silently shortened list: this is
+    /// a guard against runaway pagination, not a way to sample.
+    ///
+    /// Default: 100,000.
+    pub fn max_pages(mut self, pages: usize) -> Self {
+        self.max_pages = pages;
+        self
+    }
+
+    /// Drops ids already seen: in [`FanOut::list_ids`], and in each batch (an id that
+    /// comes again is not fetched again and gets no second outcome). List endpoints
+    /// often repeat ids across pages when data shifts while they are read.
+    ///
+    /// Ids are compared by their `Display` form. Memory grows with the number of
+    /// distinct ids, about 20 bytes each (a 128-bit hash, not the id), so 80 MB for
+    /// four million ids.
+    ///
+    /// Default: off.
+    pub fn dedup_ids(mut self, enabled: bool) -> Self {
+        self.dedup_ids = enabled;
         self
     }
 
@@ -298,13 +376,17 @@ impl<Id, T> FanOutBuilder<Id, T> {
     ///   an unknown placeholder such as `{name}`, an unbalanced `{` or `}`, is relative
     ///   or not http(s), has no host, carries a user name or password, or puts `{id}`
     ///   outside the path and query.
+    /// - [`ErrorKind::InvalidTemplate`] also: a `list_url` that is not an http(s) URL
+    ///   with a host, or carries a user name or password.
     /// - [`ErrorKind::InvalidHeader`]: a `header` name or value, or the `bearer_auth`
     ///   token, is not valid HTTP (the first such problem is reported).
     /// - [`ErrorKind::InvalidConfig`]: `concurrency`, `max_body_bytes`,
     ///   `reorder_window` or `requests_per_second` is 0, `concurrency` exceeds
     ///   2<sup>60</sup>, `timeout` or `deadline` is zero, the retry policy's
     ///   `max_delay` is shorter than its `initial_delay` (or its `initial_delay` is
-    ///   zero and its `max_delay` is not), or the default HTTP client cannot be created.
+    ///   zero and its `max_delay` is not), `max_pages` is 0, `ids_at` or a pagination
+    ///   pointer is not a JSON pointer, a pagination parameter name is empty or its
+    ///   page size 0, or the default HTTP client cannot be created.
     pub fn build(self) -> Result<FanOut<Id, T>, Error> {
         if let Some(err) = self.header_error {
             return Err(err);
@@ -316,6 +398,10 @@ impl<Id, T> FanOutBuilder<Id, T> {
             ));
         };
         let template = UrlTemplate::parse(detail_url, &self.query)?;
+        let list = match &self.list_url {
+            None => None,
+            Some(url) => Some(self.list_settings(url)?),
+        };
 
         if self.concurrency == 0 {
             return Err(config("concurrency must be at least 1"));
@@ -386,7 +472,45 @@ impl<Id, T> FanOutBuilder<Id, T> {
             concurrency: self.concurrency,
             reorder_window,
             slots: Semaphore::new(self.concurrency),
+            list,
+            dedup_ids: self.dedup_ids,
         })))
+    }
+
+    fn list_settings(&self, url: &str) -> Result<ListSettings, Error> {
+        let invalid = |message: String| Error::new(ErrorKind::InvalidTemplate, message);
+        let parsed = Url::parse(url)
+            .map_err(|err| invalid(format!("the list URL {url:?} is not a valid URL ({err})")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || !parsed.has_host() {
+            return Err(invalid(format!(
+                "the list URL {url:?} must be an http or https URL with a host"
+            )));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(invalid(
+                "the list URL must not carry a user name or password; use bearer_auth or header"
+                    .to_owned(),
+            ));
+        }
+        if !self.ids_at.is_empty() && !self.ids_at.starts_with('/') {
+            return Err(config(format!(
+                "ids_at {:?} must be a JSON pointer: empty, or starting with `/`",
+                self.ids_at
+            )));
+        }
+        if let Some(problem) = self.pagination.problem() {
+            return Err(config(problem));
+        }
+        if self.max_pages == 0 {
+            return Err(config("max_pages must be at least 1"));
+        }
+        Ok(ListSettings {
+            url: parsed,
+            ids_at: self.ids_at.clone(),
+            id_field: self.id_field.clone(),
+            pagination: self.pagination.style.clone(),
+            max_pages: self.max_pages,
+        })
     }
 }
 
@@ -415,6 +539,8 @@ impl<Id, T> fmt::Debug for FanOutBuilder<Id, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FanOutBuilder")
             .field("detail_url", &self.detail_url)
+            .field("list_url", &self.list_url)
+            .field("pagination", &self.pagination)
             .field("concurrency", &self.concurrency)
             .field("rate", &self.rate)
             .field("retry", &self.retry)

@@ -76,6 +76,10 @@ pub enum ErrorKind {
     Decode,
     /// The response body is larger than the configured maximum; reading stopped at the cap.
     TooLarge,
+    /// The list endpoint's pages cannot be followed: a next link that leads back to a
+    /// page already fetched, a page repeating the one before, an unusable next link or
+    /// cursor, or more pages than `max_pages`.
+    Pagination,
     /// The request's task panicked (a panic in `T`'s `Deserialize` impl or in a
     /// [`RetryPolicy::retry_if`](crate::RetryPolicy::retry_if) closure); the panic was
     /// caught so that the rest of the batch goes on. (The id's `Display` impl runs in
@@ -100,6 +104,7 @@ impl ErrorKind {
             ErrorKind::Status => "unsuccessful HTTP status",
             ErrorKind::Decode => "could not decode the JSON body",
             ErrorKind::TooLarge => "response body too large",
+            ErrorKind::Pagination => "cannot follow the list's pages",
             ErrorKind::Panic => "request task panicked",
             ErrorKind::Runtime => "no Tokio runtime",
         }
@@ -152,6 +157,11 @@ impl Error {
             _ => root_cause(&err),
         };
         Error::request(kind, url, message).with_source(err)
+    }
+
+    pub(crate) fn with_url(mut self, url: Url) -> Self {
+        self.inner.url = Some(url);
+        self
     }
 
     pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Self {

@@ -12,6 +12,9 @@ use tokio::sync::Semaphore;
 
 use crate::batch::Batch;
 use crate::builder::FanOutBuilder;
+use crate::dedup::Seen;
+use crate::error::Error;
+use crate::list::{ListSettings, Lister};
 use crate::rate::Throttle;
 use crate::retry::RetryPolicy;
 use crate::template::UrlTemplate;
@@ -49,6 +52,9 @@ pub(crate) struct Shared {
     pub(crate) reorder_window: usize,
     /// One permit per request on the wire, shared by all batches and clones.
     pub(crate) slots: Semaphore,
+    pub(crate) list: Option<ListSettings>,
+    /// Drop ids seen before in the same batch or listing.
+    pub(crate) dedup_ids: bool,
 }
 
 impl<Id, T> FanOut<Id, T> {
@@ -118,6 +124,51 @@ where
         S: Stream<Item = Id> + Send + 'static,
     {
         Batch::new(Arc::clone(&self.shared), ids.boxed())
+    }
+}
+
+impl<Id, T> FanOut<Id, T>
+where
+    Id: DeserializeOwned + fmt::Display + Clone + Send + Sync + 'static,
+    T: DeserializeOwned + Send + 'static,
+{
+    /// Every id the list endpoint ([`FanOutBuilder::list_url`]) gives, following its
+    /// [`Pagination`](crate::Pagination) to the last page. Pages are fetched one after
+    /// another through the same client, headers, concurrency limit, rate limit and
+    /// retry policy as the detail requests; redirects are followed.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), fanout::Error> {
+    /// # #[derive(serde::Deserialize)] struct Video;
+    /// let videos = fanout::FanOut::<String, Video>::builder()
+    ///     .list_url("https://api.example.com/videos/?n=100") // ["student", "draw", ...]
+    ///     .detail_url("https://api.example.com/videos/{id}")
+    ///     .build()?;
+    /// let ids = videos.list_ids().await?;
+    /// let all = videos.fan_out(ids).collect_ordered().await;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) without a list
+    /// URL; the page's [`Error`] when a page cannot be fetched (after retries) or its
+    /// body is not the expected shape ([`ErrorKind::Decode`](crate::ErrorKind::Decode),
+    /// naming the URL, the pointer and what was found there);
+    /// [`ErrorKind::Pagination`](crate::ErrorKind::Pagination) for a pagination loop or
+    /// more pages than `max_pages`.
+    pub async fn list_ids(&self) -> Result<Vec<Id>, Error> {
+        let mut lister = Lister::<Id>::new(Arc::clone(&self.shared))?;
+        let mut seen = self.shared.dedup_ids.then(Seen::default);
+        let mut ids = Vec::new();
+        while let Some(page) = lister.next_page().await {
+            let page = page?;
+            match &mut seen {
+                Some(seen) => ids.extend(page.into_iter().filter(|id| seen.first_time(id))),
+                None => ids.extend(page),
+            }
+        }
+        Ok(ids)
     }
 }
 

@@ -102,8 +102,10 @@
 
 mod batch;
 mod builder;
+mod dedup;
 mod error;
 mod fanout;
+mod list;
 mod rate;
 mod request;
 mod retry;
@@ -113,6 +115,7 @@ pub use crate::batch::{AsCompleted, Batch, InOrder};
 pub use crate::builder::FanOutBuilder;
 pub use crate::error::{Error, ErrorKind};
 pub use crate::fanout::FanOut;
+pub use crate::list::Pagination;
 pub use crate::rate::RateLimiter;
 pub use crate::retry::{FailedAttempt, RetryPolicy};
 

@@ -54,8 +54,43 @@ pub(crate) async fn ready(shared: &Shared) -> Result<SemaphorePermit<'_>, Error>
     Ok(slot)
 }
 
-/// Sends one attempt for `url` and decodes its body.
-pub(crate) async fn send<T: DeserializeOwned>(shared: &Shared, url: Url) -> Result<T, Failure> {
+/// A successful answer, its body read in full.
+pub(crate) struct Answer {
+    response: Response,
+    body: Bytes,
+}
+
+impl Answer {
+    /// The URL that answered, after any redirects.
+    pub(crate) fn url(&self) -> &Url {
+        self.response.url()
+    }
+
+    pub(crate) fn headers(&self) -> &HeaderMap {
+        self.response.headers()
+    }
+
+    pub(crate) fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// A failure of this answer that another attempt would not fix: its content is
+    /// not what was expected.
+    pub(crate) fn unusable(&self, kind: ErrorKind, message: impl Into<String>) -> Failure {
+        let error = Error::request(kind, self.url().clone(), message)
+            .with_status(self.response.status())
+            .with_body(&self.body);
+        Failure::new(error, false)
+    }
+}
+
+/// Decodes an answer's JSON body into `T`.
+pub(crate) fn decode<T: DeserializeOwned>(answer: Answer) -> Result<T, Failure> {
+    decode_json(&answer.body).map_err(|message| answer.unusable(ErrorKind::Decode, message))
+}
+
+/// Sends one attempt for `url` and reads its body under the size cap.
+pub(crate) async fn send(shared: &Shared, url: Url) -> Result<Answer, Failure> {
     let mut request = reqwest::Request::new(Method::GET, url);
     *request.headers_mut() = shared.headers.clone();
     *request.timeout_mut() = Some(shared.timeout);
@@ -94,13 +129,7 @@ pub(crate) async fn send<T: DeserializeOwned>(shared: &Shared, url: Url) -> Resu
                 true,
             ),
         })?;
-
-    decode(&body).map_err(|message| {
-        let error = Error::request(ErrorKind::Decode, response.url().clone(), message)
-            .with_status(status)
-            .with_body(&body);
-        Failure::new(error, false)
-    })
+    Ok(Answer { response, body })
 }
 
 fn classify(err: reqwest::Error, url: Option<Url>, reading_body: bool) -> Error {
@@ -182,7 +211,7 @@ async fn next_chunk(response: &mut Response) -> Result<Option<Bytes>, ReadFailur
 /// Decodes `body` as JSON into `T`. On failure the message names the path inside the
 /// document where decoding stopped (`data.items[3].views`), which plain serde_json
 /// errors do not; that slower second pass runs only for bodies that failed.
-fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+fn decode_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
     let err = match serde_json::from_slice(body) {
         Ok(value) => return Ok(value),
         Err(err) => err,
@@ -215,7 +244,7 @@ mod tests {
 
     #[test]
     fn decode_errors_name_the_path() {
-        let err = decode::<Video>(br#"{"id":"a","stats":{"views":"many"}}"#).unwrap_err();
+        let err = decode_json::<Video>(br#"{"id":"a","stats":{"views":"many"}}"#).unwrap_err();
         assert!(
             err.starts_with("at `stats.views`: invalid type: string"),
             "{err}"
@@ -224,12 +253,12 @@ mod tests {
 
     #[test]
     fn decode_errors_without_a_path_keep_serde_json_message() {
-        let err = decode::<Video>(b"not json").unwrap_err();
+        let err = decode_json::<Video>(b"not json").unwrap_err();
         assert!(
             err.starts_with("expected ident at line 1 column 2"),
             "{err}"
         );
-        let err = decode::<Vec<u8>>(b"[1,2] trailing").unwrap_err();
+        let err = decode_json::<Vec<u8>>(b"[1,2] trailing").unwrap_err();
         assert!(err.contains("trailing characters"), "{err}");
     }
 }

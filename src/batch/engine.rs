@@ -14,6 +14,7 @@ use tokio::runtime::Handle;
 use tokio::task::{JoinError, JoinHandle};
 
 use super::Sleepers;
+use crate::dedup::Seen;
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
 use crate::retry::fetch;
@@ -39,6 +40,8 @@ pub(crate) struct Core<Id, T> {
     sleepers: Arc<Sleepers>,
     /// Most ids admitted at once, asleep or not.
     max_admitted: usize,
+    /// The ids admitted so far, when repeats are dropped.
+    seen: Option<Seen>,
     next_seq: u64,
     /// Looked up on first poll, so that building a batch needs no runtime.
     runtime: Option<Result<Handle, ()>>,
@@ -56,12 +59,14 @@ where
 {
     pub(crate) fn new(shared: Arc<Shared>, ids: BoxStream<'static, Id>) -> Self {
         let max_admitted = shared.concurrency.saturating_mul(ADMITTED_PER_SLOT);
+        let seen = shared.dedup_ids.then(Seen::default);
         Core {
             shared,
             ids: Some(ids),
             running: FuturesUnordered::new(),
             sleepers: Arc::new(Sleepers::default()),
             max_admitted,
+            seen,
             next_seq: 0,
             runtime: None,
             url_text: String::new(),
@@ -134,7 +139,23 @@ where
                 }
                 Poll::Pending => return,
             };
-            let state = self.start(&id);
+            let mut id_text = String::new();
+            // Writing to a String only fails if the `Display` impl itself reports an error.
+            let displayed = write!(id_text, "{id}").is_ok();
+            if displayed
+                && let Some(seen) = &mut self.seen
+                && !seen.first_time_text(&id_text)
+            {
+                continue; // a repeat: it has had (or will have) its one outcome
+            }
+            let state = if displayed {
+                self.start(id_text)
+            } else {
+                State::Decided(Some(Error::new(
+                    ErrorKind::InvalidId,
+                    "the id's Display implementation returned an error",
+                )))
+            };
             self.running.push(Running {
                 seq: self.next_seq,
                 id: Some(id),
@@ -145,7 +166,7 @@ where
     }
 
     /// Renders the id's URL and spawns its request, or returns why it cannot run.
-    fn start(&mut self, id: &Id) -> State<T> {
+    fn start(&mut self, id_text: String) -> State<T> {
         let runtime = match self
             .runtime
             .get_or_insert_with(|| Handle::try_current().map_err(drop))
@@ -158,14 +179,6 @@ where
                 )));
             }
         };
-        let mut id_text = String::new();
-        // Writing to a String only fails if the `Display` impl itself reports an error.
-        if write!(id_text, "{id}").is_err() {
-            return State::Decided(Some(Error::new(
-                ErrorKind::InvalidId,
-                "the id's Display implementation returned an error",
-            )));
-        }
         match self.shared.template.render(&id_text, &mut self.url_text) {
             Ok(url) => {
                 let shared = Arc::clone(&self.shared);

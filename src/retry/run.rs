@@ -12,7 +12,7 @@ use super::retry_after::retry_after;
 use crate::batch::Sleepers;
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
-use crate::request::{Failure, ready, send};
+use crate::request::{Answer, Failure, decode, ready, send};
 
 /// Fetches and decodes the record for `id` at `url`, retrying as the policy allows.
 /// Every error names the id and how many attempts were made.
@@ -22,16 +22,29 @@ pub(crate) async fn fetch<T: DeserializeOwned>(
     url: Url,
     sleepers: &Sleepers,
 ) -> Result<T, Error> {
-    attempts(shared, &id, url, sleepers)
+    attempts(shared, Some(&id), url, sleepers, decode)
         .await
         .map_err(|err| err.with_id_text(id))
 }
 
-async fn attempts<T: DeserializeOwned>(
+/// Fetches `url` (a list page, not an id's record), retrying as the policy allows, and
+/// makes what it needs of the answer with `read`.
+pub(crate) async fn fetch_with<T>(
     shared: &Shared,
-    id: &str,
+    url: Url,
+    read: impl FnMut(Answer) -> Result<T, Failure>,
+) -> Result<T, Error> {
+    // Nobody admits others in place of a sleeping list page; the count goes unread.
+    attempts(shared, None, url, &Sleepers::default(), read).await
+}
+
+/// Attempts `url` until `read` accepts an answer or the policy gives up.
+async fn attempts<T>(
+    shared: &Shared,
+    id: Option<&str>,
     url: Url,
     sleepers: &Sleepers,
+    mut read: impl FnMut(Answer) -> Result<T, Failure>,
 ) -> Result<T, Error> {
     let policy = &shared.retry;
     let mut made: u32 = 0;
@@ -64,9 +77,9 @@ async fn attempts<T: DeserializeOwned>(
             deadline = shared.deadline.and_then(|limit| first.checked_add(limit));
         }
         let result = match deadline {
-            None => send(shared, url.clone()).await,
+            None => send(shared, url.clone()).await.and_then(&mut read),
             Some(at) => match timeout_at(at, send(shared, url.clone())).await {
-                Ok(result) => result,
+                Ok(result) => result.and_then(&mut read),
                 Err(_) => {
                     let when = format!("passed during attempt {made}");
                     return Err(past_deadline(shared, url, made, &when, last));
