@@ -282,7 +282,7 @@ pub(crate) fn next_link(headers: &HeaderMap) -> Option<String> {
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(split_links)
-        .find_map(|link| link_target_if_next(link))
+        .find_map(link_target_if_next)
 }
 
 /// Splits a `Link` header value into its comma-separated link-values, leaving commas
