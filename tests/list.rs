@@ -1,0 +1,398 @@
+//! List endpoints: page shapes, every pagination style, loop and page-count guards,
+//! wrong shapes, redirects, retries of pages and dropping repeated ids.
+
+mod support;
+
+use std::time::Duration;
+
+use fanout::reqwest::StatusCode;
+use fanout::{ErrorKind, FanOut, FanOutBuilder, Pagination, RetryPolicy};
+use serde_json::json;
+use support::{Arrivals, Item};
+use wiremock::matchers::{method, path, query_param};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn builder<Id>(server: &MockServer, list: &str) -> FanOutBuilder<Id, Item> {
+    FanOut::builder()
+        .list_url(&format!("{}{list}", server.uri()))
+        .detail_url(&format!("{}/items/{{id}}", server.uri()))
+}
+
+async fn answer(server: &MockServer, at: &str, body: serde_json::Value) {
+    Mock::given(method("GET"))
+        .and(path(at))
+        .respond_with(ResponseTemplate::new(200).set_body_json(body))
+        .mount(server)
+        .await;
+}
+
+#[tokio::test]
+async fn a_bare_array_of_strings_or_numbers() {
+    let server = MockServer::start().await;
+    answer(&server, "/videos/", json!(["student", "draw", "yes"])).await;
+    answer(&server, "/numbers", json!([1, 2, 3])).await;
+    let videos = builder::<String>(&server, "/videos/?n=3").build().unwrap();
+    assert_eq!(videos.list_ids().await.unwrap(), ["student", "draw", "yes"]);
+    let numbers = builder::<u64>(&server, "/numbers").build().unwrap();
+    assert_eq!(numbers.list_ids().await.unwrap(), [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn objects_with_an_id_field_under_a_pointer() {
+    let server = MockServer::start().await;
+    answer(
+        &server,
+        "/plain",
+        json!([{"id": 1, "name": "a"}, {"id": 2}]),
+    )
+    .await;
+    answer(
+        &server,
+        "/wrapped",
+        json!({"data": {"players": [{"player_id": 7}, {"player_id": 9}]}, "meta": {}}),
+    )
+    .await;
+    let plain = builder::<u64>(&server, "/plain").build().unwrap();
+    assert_eq!(plain.list_ids().await.unwrap(), [1, 2]);
+    let wrapped = builder::<u64>(&server, "/wrapped")
+        .ids_at("/data/players")
+        .id_field("player_id")
+        .build()
+        .unwrap();
+    assert_eq!(wrapped.list_ids().await.unwrap(), [7, 9]);
+}
+
+#[tokio::test]
+async fn a_wrong_shape_names_the_url_the_pointer_and_what_was_found() {
+    let server = MockServer::start().await;
+    answer(&server, "/wrapped", json!({"data": [1], "meta": {"n": 1}})).await;
+    let err = builder::<u64>(&server, "/wrapped")
+        .build()
+        .unwrap()
+        .list_ids()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Decode);
+    assert_eq!(err.url().unwrap().path(), "/wrapped");
+    let message = err.to_string();
+    assert!(
+        message.contains("at the top level, found an object with keys data, meta"),
+        "{message}"
+    );
+
+    let err = builder::<u64>(&server, "/wrapped")
+        .ids_at("/items")
+        .build()
+        .unwrap()
+        .list_ids()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("nothing at \"/items\""), "{err}");
+
+    answer(&server, "/html", json!("<html>")).await;
+    let err = builder::<u64>(&server, "/html")
+        .build()
+        .unwrap()
+        .list_ids()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("found a string"), "{err}");
+}
+
+#[tokio::test]
+async fn link_header_pagination() {
+    let server = MockServer::start().await;
+    let uri = server.uri();
+    Mock::given(path("/items"))
+        .and(query_param("page", "2"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!([3, 4]))
+                .insert_header(
+                    "Link",
+                    format!(r#"<{uri}/items?page=1>; rel="prev", </items?page=3>; rel="next""#)
+                        .as_str(),
+                ),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(path("/items"))
+        .and(query_param("page", "3"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([5])))
+        .mount(&server)
+        .await;
+    Mock::given(path("/items"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!([1, 2]))
+                .insert_header(
+                    "Link",
+                    format!(r#"<{uri}/items?page=2>; rel="next""#).as_str(),
+                ),
+        )
+        .mount(&server)
+        .await;
+    let fan = builder::<u64>(&server, "/items")
+        .paginate(Pagination::link_header())
+        .build()
+        .unwrap();
+    assert_eq!(fan.list_ids().await.unwrap(), [1, 2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn next_url_in_the_body_relative_or_absolute() {
+    let server = MockServer::start().await;
+    let uri = server.uri();
+    answer(
+        &server,
+        "/v1/items",
+        json!({"data": [1], "links": {"next": "page2"}}),
+    )
+    .await;
+    answer(
+        &server,
+        "/v1/page2",
+        json!({"data": [2], "links": {"next": format!("{uri}/v1/page3")}}),
+    )
+    .await;
+    answer(
+        &server,
+        "/v1/page3",
+        json!({"data": [3], "links": {"next": null}}),
+    )
+    .await;
+    let fan = builder::<u64>(&server, "/v1/items")
+        .ids_at("/data")
+        .paginate(Pagination::next_url_at("/links/next"))
+        .build()
+        .unwrap();
+    assert_eq!(fan.list_ids().await.unwrap(), [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn offset_and_limit_parameters() {
+    let server = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    // The server caps pages at 2 items although 3 were asked for.
+    let served = arrivals.clone();
+    Mock::given(path("/items"))
+        .respond_with(served.answer(|request: &wiremock::Request| {
+            let offset: usize = request
+                .url
+                .query_pairs()
+                .find(|(k, _)| k == "offset")
+                .map(|(_, v)| v.parse().unwrap())
+                .unwrap();
+            let all = [10, 11, 12, 13, 14];
+            let page: Vec<u32> = all.iter().copied().skip(offset).take(2).collect();
+            ResponseTemplate::new(200).set_body_json(page)
+        }))
+        .mount(&server)
+        .await;
+    let fan = builder::<u64>(&server, "/items?sort=asc")
+        .paginate(Pagination::offset_limit("offset", "limit", 3))
+        .build()
+        .unwrap();
+    assert_eq!(fan.list_ids().await.unwrap(), [10, 11, 12, 13, 14]);
+    // Offsets 0, 2, 4, then 5 gives the empty page that ends the list.
+    assert_eq!(arrivals.count(), 4);
+}
+
+#[tokio::test]
+async fn page_numbers_and_a_cursor() {
+    let server = MockServer::start().await;
+    for (page, ids) in [("0", json!([1, 2])), ("1", json!([3])), ("2", json!([]))] {
+        Mock::given(path("/pages"))
+            .and(query_param("p", page))
+            .respond_with(ResponseTemplate::new(200).set_body_json(ids))
+            .mount(&server)
+            .await;
+    }
+    let fan = builder::<u64>(&server, "/pages")
+        .paginate(Pagination::page_number("p").first_page(0))
+        .build()
+        .unwrap();
+    assert_eq!(fan.list_ids().await.unwrap(), [1, 2, 3]);
+
+    Mock::given(path("/cursor"))
+        .and(query_param("after", "c2"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"items": [3], "next": null})))
+        .mount(&server)
+        .await;
+    Mock::given(path("/cursor"))
+        .and(query_param("after", "17"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"items": [2], "next": "c2"})))
+        .mount(&server)
+        .await;
+    answer(&server, "/cursor", json!({"items": [1], "next": 17})).await;
+    let fan = builder::<u64>(&server, "/cursor")
+        .ids_at("/items")
+        .paginate(Pagination::cursor("/next", "after"))
+        .build()
+        .unwrap();
+    assert_eq!(fan.list_ids().await.unwrap(), [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn a_next_link_back_to_a_fetched_page_is_a_loop() {
+    let server = MockServer::start().await;
+    answer(&server, "/a", json!({"ids": [1], "next": "/b"})).await;
+    answer(&server, "/b", json!({"ids": [2], "next": "/a"})).await;
+    let fan = builder::<u64>(&server, "/a")
+        .ids_at("/ids")
+        .paginate(Pagination::next_url_at("/next"))
+        .build()
+        .unwrap();
+    let err = fan.list_ids().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Pagination);
+    assert!(err.to_string().contains("fetched before"), "{err}");
+    assert_eq!(err.url().unwrap().path(), "/a");
+}
+
+#[tokio::test]
+async fn a_server_ignoring_the_page_parameter_is_a_loop() {
+    let server = MockServer::start().await;
+    answer(&server, "/same", json!([1, 2, 3])).await;
+    let fan = builder::<u64>(&server, "/same")
+        .paginate(Pagination::page_number("page"))
+        .build()
+        .unwrap();
+    let err = fan.list_ids().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Pagination);
+    assert!(
+        err.to_string().contains("same ids as the page before"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn more_pages_than_max_pages_is_an_error_not_a_short_list() {
+    let server = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    Mock::given(path("/endless"))
+        .respond_with(arrivals.answer(|request: &wiremock::Request| {
+            let page: u64 = request
+                .url
+                .query_pairs()
+                .find(|(k, _)| k == "page")
+                .map_or(1, |(_, v)| v.parse().unwrap());
+            ResponseTemplate::new(200).set_body_json(json!([page]))
+        }))
+        .mount(&server)
+        .await;
+    let fan = builder::<u64>(&server, "/endless")
+        .paginate(Pagination::page_number("page"))
+        .max_pages(5)
+        .build()
+        .unwrap();
+    let err = fan.list_ids().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Pagination);
+    assert!(err.to_string().contains("more than max_pages (5)"), "{err}");
+    assert_eq!(arrivals.count(), 5);
+}
+
+#[tokio::test]
+async fn a_307_on_the_list_url_is_followed() {
+    let server = MockServer::start().await;
+    Mock::given(path("/videos"))
+        .respond_with(ResponseTemplate::new(307).insert_header("Location", "/videos/?n=5"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    answer(&server, "/videos/", json!(["a", "b"])).await;
+    let fan = builder::<String>(&server, "/videos?n=5").build().unwrap();
+    assert_eq!(fan.list_ids().await.unwrap(), ["a", "b"]);
+}
+
+#[tokio::test]
+async fn list_pages_are_retried_like_details() {
+    let server = MockServer::start().await;
+    Mock::given(path("/flaky"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(2)
+        .expect(2)
+        .mount(&server)
+        .await;
+    answer(&server, "/flaky", json!([1])).await;
+    let fan = builder::<u64>(&server, "/flaky")
+        .retry(RetryPolicy::exponential().initial_delay(Duration::from_millis(5)))
+        .build()
+        .unwrap();
+    assert_eq!(fan.list_ids().await.unwrap(), [1]);
+
+    let gone = builder::<u64>(&server, "/gone").build().unwrap();
+    let err = gone.list_ids().await.unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::NOT_FOUND));
+    assert_eq!(err.attempts(), 1);
+}
+
+#[tokio::test]
+async fn repeated_ids_are_dropped_when_asked() {
+    let server = MockServer::start().await;
+    answer(&server, "/p", json!({"ids": [1, 2, 3], "next": "/q"})).await;
+    answer(&server, "/q", json!({"ids": [3, 4, 1], "next": null})).await;
+    let listed = |dedup| {
+        builder::<u64>(&server, "/p")
+            .ids_at("/ids")
+            .paginate(Pagination::next_url_at("/next"))
+            .dedup_ids(dedup)
+            .build()
+            .unwrap()
+    };
+    assert_eq!(listed(false).list_ids().await.unwrap(), [1, 2, 3, 3, 4, 1]);
+    assert_eq!(listed(true).list_ids().await.unwrap(), [1, 2, 3, 4]);
+
+    // In a batch too: each distinct id is fetched once and has one outcome.
+    Mock::given(path_prefix_items())
+        .respond_with(support::echo_id)
+        .mount(&server)
+        .await;
+    let results = listed(true)
+        .fan_out([5, 6, 5, 7, 6])
+        .collect_ordered()
+        .await;
+    let ids: Vec<String> = results.into_iter().map(|r| r.unwrap().id).collect();
+    assert_eq!(ids, ["5", "6", "7"]);
+}
+
+fn path_prefix_items() -> wiremock::matchers::PathRegexMatcher {
+    wiremock::matchers::path_regex("^/items/")
+}
+
+#[test]
+fn bad_list_settings_are_refused_by_build() {
+    let base = || FanOut::<u64, Item>::builder().detail_url("http://h/items/{id}");
+    let err = base().list_url("ftp://h/list").build().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
+    let err = base().list_url("http://u:p@h/list").build().unwrap_err();
+    assert!(!err.to_string().contains("u:p"), "{err}");
+    let err = base()
+        .list_url("http://h/l")
+        .ids_at("data")
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    let err = base()
+        .list_url("http://h/l")
+        .max_pages(0)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("max_pages"), "{err}");
+    let err = base()
+        .list_url("http://h/l")
+        .paginate(Pagination::offset_limit("offset", "limit", 0))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("page size"), "{err}");
+}
+
+#[tokio::test]
+async fn list_ids_without_a_list_url_says_what_to_do() {
+    let fan = FanOut::<u64, Item>::builder()
+        .detail_url("http://127.0.0.1:1/items/{id}")
+        .build()
+        .unwrap();
+    let err = fan.list_ids().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    assert!(err.to_string().contains("list_url"), "{err}");
+}
