@@ -2,6 +2,7 @@
 
 mod completed;
 mod engine;
+mod fallible;
 mod ordered;
 mod reorder;
 mod sleepers;
@@ -13,6 +14,7 @@ use futures::stream::BoxStream;
 use serde::de::DeserializeOwned;
 
 pub use self::completed::AsCompleted;
+pub use self::fallible::{TryAsCompleted, TryInOrder};
 pub use self::ordered::InOrder;
 pub(crate) use self::sleepers::Sleepers;
 
@@ -47,7 +49,7 @@ where
     Id: fmt::Display + Send + 'static,
     T: DeserializeOwned + Send + 'static,
 {
-    pub(crate) fn new(shared: Arc<Shared>, ids: BoxStream<'static, Id>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, ids: BoxStream<'static, Result<Id, Error>>) -> Self {
         Batch {
             core: Core::new(shared, ids),
         }
@@ -103,6 +105,31 @@ where
     /// head of the line. Suits writing results to an ordered sink as they arrive.
     pub fn in_order(self) -> InOrder<Id, T> {
         InOrder::new(self.core)
+    }
+
+    /// [`as_completed`](Batch::as_completed) for a batch whose ids come from a source
+    /// that can fail: [`FanOut::fan_out_listed`](crate::FanOut::fan_out_listed). Each
+    /// outcome comes as `Ok((id, result))`; if listing failed, one `Err` with the list's
+    /// error follows the outcomes of every id listed before the failure.
+    /// (`as_completed` itself has no room for an error that belongs to no id.)
+    ///
+    /// ```no_run
+    /// use futures::TryStreamExt;
+    /// # async fn run(videos: fanout::FanOut<String, serde_json::Value>) -> Result<(), fanout::Error> {
+    /// let mut done = videos.fan_out_listed().try_as_completed();
+    /// while let Some((id, result)) = done.try_next().await? {
+    ///     // one outcome per listed id
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn try_as_completed(self) -> TryAsCompleted<Id, T> {
+        TryAsCompleted::new(self.as_completed())
+    }
+
+    /// [`in_order`](Batch::in_order) for a batch whose ids come from a source that can
+    /// fail, like [`try_as_completed`](Batch::try_as_completed).
+    pub fn try_in_order(self) -> TryInOrder<Id, T> {
+        TryInOrder::new(self.in_order())
     }
 }
 

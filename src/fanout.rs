@@ -94,7 +94,8 @@ where
         I: IntoIterator<Item = Id>,
         I::IntoIter: Send + 'static,
     {
-        Batch::new(Arc::clone(&self.shared), futures::stream::iter(ids).boxed())
+        let ids = futures::stream::iter(ids).map(Ok);
+        Batch::new(Arc::clone(&self.shared), ids.boxed())
     }
 
     /// Like [`fan_out`](FanOut::fan_out), with ids from an async source: a database
@@ -123,7 +124,7 @@ where
     where
         S: Stream<Item = Id> + Send + 'static,
     {
-        Batch::new(Arc::clone(&self.shared), ids.boxed())
+        Batch::new(Arc::clone(&self.shared), ids.map(Ok).boxed())
     }
 }
 
@@ -132,6 +133,52 @@ where
     Id: DeserializeOwned + fmt::Display + Clone + Send + Sync + 'static,
     T: DeserializeOwned + Send + 'static,
 {
+    /// Fetches the list endpoint's pages as the fan-out needs more ids, and each
+    /// listed id's record: details start as soon as the first page has arrived, and a
+    /// page is fetched only when the ids of the one before have been admitted, so
+    /// memory stays flat however long the list.
+    ///
+    /// If listing fails part-way (a page that cannot be fetched or read, a pagination
+    /// loop), every id listed before still gets its outcome, and then:
+    /// [`collect_ordered`](Batch::collect_ordered) ends with one extra `Err` (the list's
+    /// error), [`try_collect_ordered`](Batch::try_collect_ordered) returns it, and
+    /// [`try_as_completed`](Batch::try_as_completed) and
+    /// [`try_in_order`](Batch::try_in_order) end with it as an `Err` item. The plain
+    /// [`as_completed`](Batch::as_completed) and [`in_order`](Batch::in_order) streams,
+    /// whose items each belong to an id, end without it: use their `try_` forms here.
+    ///
+    /// ```no_run
+    /// use futures::TryStreamExt;
+    /// # async fn run() -> Result<(), fanout::Error> {
+    /// # #[derive(serde::Deserialize)] struct Video;
+    /// let videos = fanout::FanOut::<String, Video>::builder()
+    ///     .list_url("https://api.example.com/videos/?n=100")
+    ///     .detail_url("https://api.example.com/videos/{id}")
+    ///     .paginate(fanout::Pagination::link_header())
+    ///     .build()?;
+    /// let mut done = videos.fan_out_listed().try_as_completed();
+    /// while let Some((id, result)) = done.try_next().await? {
+    ///     // ...
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn fan_out_listed(&self) -> Batch<Id, T> {
+        let pages = match Lister::<Id>::new(Arc::clone(&self.shared)) {
+            Ok(lister) => futures::stream::unfold(lister, |mut lister| async move {
+                let page = lister.next_page().await?;
+                let ids: Vec<Result<Id, Error>> = match page {
+                    Ok(ids) => ids.into_iter().map(Ok).collect(),
+                    Err(err) => vec![Err(err)],
+                };
+                Some((futures::stream::iter(ids), lister))
+            })
+            .flatten()
+            .boxed(),
+            Err(err) => futures::stream::iter([Err(err)]).boxed(),
+        };
+        Batch::new(Arc::clone(&self.shared), pages)
+    }
+
     /// Every id the list endpoint ([`FanOutBuilder::list_url`]) gives, following its
     /// [`Pagination`](crate::Pagination) to the last page. Pages are fetched one after
     /// another through the same client, headers, concurrency limit, rate limit and

@@ -111,7 +111,7 @@ mod request;
 mod retry;
 mod template;
 
-pub use crate::batch::{AsCompleted, Batch, InOrder};
+pub use crate::batch::{AsCompleted, Batch, InOrder, TryAsCompleted, TryInOrder};
 pub use crate::builder::FanOutBuilder;
 pub use crate::error::{Error, ErrorKind};
 pub use crate::fanout::FanOut;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use fanout::reqwest::StatusCode;
 use fanout::{ErrorKind, FanOut, FanOutBuilder, Pagination, RetryPolicy};
+use futures::StreamExt;
 use serde_json::json;
 use support::{Arrivals, Item};
 use wiremock::matchers::{method, path, query_param};
@@ -395,4 +396,130 @@ async fn list_ids_without_a_list_url_says_what_to_do() {
     let err = fan.list_ids().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig);
     assert!(err.to_string().contains("list_url"), "{err}");
+}
+
+/// `/list?page=1` lists ids 0..20 and links to page 2 (ids 20..25); details echo.
+async fn two_pages(server: &MockServer, arrivals: &Arrivals, second: ResponseTemplate) {
+    Mock::given(path("/list"))
+        .and(query_param("page", "2"))
+        .respond_with(arrivals.answer(second))
+        .mount(server)
+        .await;
+    Mock::given(path("/list"))
+        .respond_with(
+            arrivals.answer(
+                ResponseTemplate::new(200)
+                    .set_body_json((0..20).collect::<Vec<u32>>())
+                    .insert_header("Link", "</list?page=2>; rel=\"next\""),
+            ),
+        )
+        .mount(server)
+        .await;
+    Mock::given(path_prefix_items())
+        .respond_with(arrivals.answer(|request: &wiremock::Request| {
+            support::echo_id(request).set_delay(Duration::from_millis(5))
+        }))
+        .mount(server)
+        .await;
+}
+
+fn listed(server: &MockServer) -> FanOut<u32, Item> {
+    builder::<u32>(server, "/list")
+        .paginate(Pagination::link_header())
+        .concurrency(4)
+        .retry(RetryPolicy::none())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_listed_starts_details_before_the_next_page() {
+    let server = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    let second = ResponseTemplate::new(200).set_body_json((20..25).collect::<Vec<u32>>());
+    two_pages(&server, &arrivals, second).await;
+    let results = listed(&server).fan_out_listed().collect_ordered().await;
+    let ids: Vec<String> = results.into_iter().map(|r| r.unwrap().id).collect();
+    let expected: Vec<String> = (0..25).map(|n| n.to_string()).collect();
+    assert_eq!(ids, expected);
+
+    // Page 2 was asked for only once page 1's ids were nearly all admitted: at least
+    // 20 - 4 details had arrived before it.
+    let paths = arrivals.paths();
+    let list_requests: Vec<usize> = (0..paths.len())
+        .filter(|&at| paths[at] == "/list")
+        .collect();
+    assert_eq!(list_requests.len(), 2, "{paths:?}");
+    let second_page = list_requests[1];
+    assert_eq!(list_requests[0], 0);
+    assert!(paths[1].starts_with("/items/"), "{paths:?}");
+    let details_before = paths[..second_page]
+        .iter()
+        .filter(|p| p.starts_with("/items/"))
+        .count();
+    assert!(
+        details_before >= 16,
+        "{details_before} details before page 2: {paths:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_failure_midway_ends_with_one_error_after_every_listed_id() {
+    let server = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    two_pages(&server, &arrivals, ResponseTemplate::new(404)).await;
+    let fan = listed(&server);
+
+    let results = fan.fan_out_listed().collect_ordered().await;
+    assert_eq!(results.len(), 21);
+    assert!(results[..20].iter().all(Result::is_ok));
+    let err = results[20].as_ref().unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::NOT_FOUND));
+    assert_eq!(err.url().unwrap().query(), Some("page=2"));
+    assert_eq!(err.id(), None);
+
+    let items: Vec<_> = fan.fan_out_listed().try_as_completed().collect().await;
+    assert_eq!(items.len(), 21);
+    assert!(
+        items[..20]
+            .iter()
+            .all(|item| matches!(item, Ok((_, Ok(_)))))
+    );
+    assert!(
+        items[20]
+            .as_ref()
+            .is_err_and(|err| err.status() == Some(StatusCode::NOT_FOUND))
+    );
+
+    let in_order: Vec<_> = fan.fan_out_listed().try_in_order().collect().await;
+    let ids: Vec<u32> = in_order[..20]
+        .iter()
+        .map(|item| item.as_ref().unwrap().0)
+        .collect();
+    assert_eq!(ids, (0..20).collect::<Vec<_>>());
+    assert!(in_order[20].is_err());
+
+    // The plain stream has every listed id's outcome, and no item for the list error.
+    assert_eq!(fan.fan_out_listed().as_completed().count().await, 20);
+
+    let err = fan
+        .fan_out_listed()
+        .try_collect_ordered()
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::NOT_FOUND));
+}
+
+#[tokio::test]
+async fn fan_out_listed_without_a_list_url_is_one_error() {
+    let fan = FanOut::<u64, Item>::builder()
+        .detail_url("http://127.0.0.1:1/items/{id}")
+        .build()
+        .unwrap();
+    let results = fan.fan_out_listed().collect_ordered().await;
+    assert_eq!(results.len(), 1);
+    assert_eq!(
+        results[0].as_ref().unwrap_err().kind(),
+        ErrorKind::InvalidConfig
+    );
 }

@@ -21,9 +21,19 @@ pub struct AsCompleted<Id, T> {
     core: Core<Id, T>,
 }
 
-impl<Id, T> AsCompleted<Id, T> {
+impl<Id, T> AsCompleted<Id, T>
+where
+    Id: fmt::Display + Send + 'static,
+    T: DeserializeOwned + Send + 'static,
+{
     pub(crate) fn new(core: Core<Id, T>) -> Self {
         AsCompleted { core }
+    }
+
+    /// Why the ids' source failed, once the stream has ended; see
+    /// [`Batch::try_as_completed`](crate::Batch::try_as_completed).
+    pub(crate) fn take_input_error(&mut self) -> Option<Error> {
+        self.core.take_input_error()
     }
 }
 

@@ -33,8 +33,10 @@ pub(crate) struct Done<Id, T> {
 
 pub(crate) struct Core<Id, T> {
     shared: Arc<Shared>,
-    /// `None` once the input is exhausted.
-    ids: Option<BoxStream<'static, Id>>,
+    /// `None` once the input is exhausted (or failed).
+    ids: Option<BoxStream<'static, Result<Id, Error>>>,
+    /// Why the input ended early, if it failed (a list page that could not be read).
+    input_error: Option<Error>,
     running: FuturesUnordered<Running<Id, T>>,
     /// Which of the running ids are waiting out a retry delay.
     sleepers: Arc<Sleepers>,
@@ -57,12 +59,13 @@ where
     Id: Display + Send + 'static,
     T: DeserializeOwned + Send + 'static,
 {
-    pub(crate) fn new(shared: Arc<Shared>, ids: BoxStream<'static, Id>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, ids: BoxStream<'static, Result<Id, Error>>) -> Self {
         let max_admitted = shared.concurrency.saturating_mul(ADMITTED_PER_SLOT);
         let seen = shared.dedup_ids.then(Seen::default);
         Core {
             shared,
             ids: Some(ids),
+            input_error: None,
             running: FuturesUnordered::new(),
             sleepers: Arc::new(Sleepers::default()),
             max_admitted,
@@ -77,6 +80,15 @@ where
     /// Makes the engine admit no new id after an error: the caller stops there.
     pub(crate) fn stop_on_error(&mut self) {
         self.stop_on_error = true;
+    }
+
+    /// The input's failure, once every outcome has been handed out.
+    pub(crate) fn take_input_error(&mut self) -> Option<Error> {
+        if self.ids.is_none() && self.running.is_empty() {
+            self.input_error.take()
+        } else {
+            None
+        }
     }
 
     pub(crate) fn shared(&self) -> &Shared {
@@ -132,7 +144,13 @@ where
         {
             let Some(ids) = self.ids.as_mut() else { return };
             let id = match ids.poll_next_unpin(cx) {
-                Poll::Ready(Some(id)) => id,
+                Poll::Ready(Some(Ok(id))) => id,
+                Poll::Ready(Some(Err(err))) => {
+                    // The ids admitted so far still get their outcomes; none follow.
+                    self.input_error = Some(err);
+                    self.ids = None;
+                    return;
+                }
                 Poll::Ready(None) => {
                     self.ids = None;
                     return;

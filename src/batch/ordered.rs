@@ -25,6 +25,7 @@ pub struct InOrder<Id, T> {
     core: Core<Id, T>,
     reorder: Reorder<(Id, Result<T, Error>)>,
     window: u64,
+    ended: bool,
 }
 
 // Nothing in the stream is structurally pinned; buffered outcomes are only moved.
@@ -41,6 +42,17 @@ where
             core,
             reorder: Reorder::new(),
             window,
+            ended: false,
+        }
+    }
+
+    /// Why the ids' source failed, once the stream has ended; see
+    /// [`Batch::try_in_order`](crate::Batch::try_in_order).
+    pub(crate) fn take_input_error(&mut self) -> Option<Error> {
+        if self.ended {
+            self.core.take_input_error()
+        } else {
+            None
         }
     }
 }
@@ -63,7 +75,10 @@ where
                 Poll::Ready(Some(Done { seq, id, result })) => {
                     this.reorder.insert(seq, (id, result));
                 }
-                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    return Poll::Ready(None);
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -100,6 +115,7 @@ where
         reorder.insert(done.seq, done.result);
         out.extend(reorder.drain_ready());
     }
+    out.extend(core.take_input_error().map(Err));
     out
 }
 
@@ -117,5 +133,8 @@ where
         reorder.insert(done.seq, done.result?);
         out.extend(reorder.drain_ready());
     }
-    Ok(out)
+    match core.take_input_error() {
+        Some(err) => Err(err),
+        None => Ok(out),
+    }
 }
