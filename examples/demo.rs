@@ -1,6 +1,7 @@
-//! The main job, end to end, with no outside network: start a local players API with
-//! some latency, a few missing records and some flaky answers, fan out to a few
-//! thousand ids, and print a summary.
+//! The main job, end to end, with no outside network: start a local players API (a
+//! paginated list of player ids, and one detail record per id, with some latency, a few
+//! missing records and some flaky answers), list the ids page by page, fetch every
+//! player's record as the pages arrive, and print a summary.
 //!
 //! ```text
 //! cargo run --release --example demo
@@ -14,12 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use fanout::{FanOut, RetryPolicy};
-use futures::StreamExt;
+use fanout::{FanOut, Pagination, RetryPolicy};
+use futures::TryStreamExt;
 use serde::Deserialize;
 
 /// What the detail endpoint returns for one player.
@@ -39,14 +40,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ids: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(3_000);
     let concurrency: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(64);
 
-    let api = Arc::new(Api::default());
+    let api = Arc::new(Api {
+        players: ids,
+        ..Api::default()
+    });
     let addr = start_players_api(Arc::clone(&api)).await?;
     println!(
-        "players API listening on http://{addr} \
-         (5-25 ms per answer, ~1% missing, ~3% fail once with 503)"
+        "players API listening on http://{addr}: {ids} players listed {PAGE_SIZE} a page; \
+         details take 5-25 ms, ~1% missing, ~3% fail once with 503"
     );
 
     let players = FanOut::<u64, Player>::builder()
+        .list_url(&format!("http://{addr}/players?per_page={PAGE_SIZE}"))
+        .ids_at("/data")
+        .paginate(Pagination::link_header())
         .detail_url(&format!("http://{addr}/players/{{id}}"))
         .query(&[("include", "career")])
         .concurrency(concurrency)
@@ -59,8 +66,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut runs = 0u64;
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
     let mut first_failure = None;
-    let mut done = players.fan_out(1..=ids).as_completed();
-    while let Some((_id, result)) = done.next().await {
+    // Ids flow from each list page straight into detail requests; a list page that
+    // cannot be read would end the stream with an `Err` (hence the `try_` form).
+    let mut done = players.fan_out_listed().try_as_completed();
+    while let Some((_id, result)) = done.try_next().await? {
         match result {
             Ok(player) => {
                 ok += 1;
@@ -91,8 +100,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("  e.g. {example}");
     }
     let requests = api.requests.load(Ordering::Relaxed);
+    let pages = api.pages.load(Ordering::Relaxed);
     println!(
-        "requests     {requests}  ({} retries after a 503)",
+        "requests     {requests} for details ({} retries after a 503), {pages} list pages",
         requests.saturating_sub(ids)
     );
     println!("wall time    {:.2} s", wall.as_secs_f64());
@@ -100,22 +110,60 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// What the demo API remembers: requests served, and which flaky ids already failed.
+const PAGE_SIZE: u64 = 100;
+
+/// What the demo API knows: how many players there are, requests served, and which
+/// flaky ids already failed.
 #[derive(Default)]
 struct Api {
+    players: u64,
     requests: AtomicU64,
+    pages: AtomicU64,
     failed_once: Mutex<HashSet<u64>>,
 }
 
 /// Starts the demo API on a free loopback port and returns its address.
 async fn start_players_api(api: Arc<Api>) -> std::io::Result<SocketAddr> {
     let app = Router::new()
+        .route("/players", get(list))
         .route("/players/{id}", get(player))
         .with_state(api);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(addr)
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    page: Option<u64>,
+    per_page: u64,
+}
+
+/// `GET /players?per_page=100&page=2`: `{"data": [{"id": 101}, ...]}`, with a `Link`
+/// header to the next page.
+async fn list(State(api): State<Arc<Api>>, Query(query): Query<ListQuery>) -> Response {
+    api.pages.fetch_add(1, Ordering::Relaxed);
+    let page = query.page.unwrap_or(1).max(1);
+    let per_page = query.per_page.clamp(1, 1000);
+    let first = (page - 1) * per_page + 1;
+    let last = (first + per_page - 1).min(api.players);
+    let data: Vec<_> = (first..=last)
+        .map(|id| serde_json::json!({ "id": id }))
+        .collect();
+    let mut response = axum::Json(serde_json::json!({ "data": data })).into_response();
+    if last < api.players {
+        let next = format!(
+            "</players?per_page={per_page}&page={}>; rel=\"next\"",
+            page + 1
+        );
+        if let Ok(value) = next.parse() {
+            response
+                .headers_mut()
+                .insert(axum::http::header::LINK, value);
+        }
+    }
+    response
 }
 
 async fn player(State(api): State<Arc<Api>>, Path(id): Path<u64>) -> Response {

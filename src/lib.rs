@@ -86,6 +86,13 @@
 //! # Ok::<(), fanout::Error>(())
 //! ```
 //!
+//! # Where ids come from
+//!
+//! Any iterator ([`FanOut::fan_out`]) or stream ([`FanOut::fan_out_stream`]), pulled
+//! only as slots free up; or a list endpoint ([`FanOutBuilder::list_url`]), read whole
+//! with [`FanOut::list_ids`] or page by page into the detail requests with
+//! [`FanOut::fan_out_listed`], following its [`Pagination`].
+//!
 //! # Choosing an output
 //!
 //! See [`Batch`]: [`collect_ordered`](Batch::collect_ordered),
