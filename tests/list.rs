@@ -523,3 +523,40 @@ async fn fan_out_listed_without_a_list_url_is_one_error() {
         ErrorKind::InvalidConfig
     );
 }
+
+#[tokio::test]
+async fn a_next_page_on_another_origin_is_not_followed() {
+    let server = MockServer::start().await;
+    let elsewhere = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([9])))
+        .expect(0)
+        .mount(&elsewhere)
+        .await;
+    answer(
+        &server,
+        "/list",
+        json!({"ids": [1, 2], "next": format!("{}/list?page=2", elsewhere.uri())}),
+    )
+    .await;
+    let fan = builder::<u64>(&server, "/list")
+        .ids_at("/ids")
+        .paginate(Pagination::next_url_at("/next"))
+        .bearer_auth("s3cret")
+        .build()
+        .unwrap();
+    let err = fan.list_ids().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Pagination);
+    assert!(
+        err.to_string().contains("not on the list URL's origin"),
+        "{err}"
+    );
+    // Streaming, the first page's ids still get their outcomes before the error.
+    Mock::given(path_prefix_items())
+        .respond_with(support::echo_id)
+        .mount(&server)
+        .await;
+    let results = fan.fan_out_listed().collect_ordered().await;
+    assert_eq!(results.len(), 3);
+    assert!(results[0].is_ok() && results[1].is_ok() && results[2].is_err());
+}

@@ -125,6 +125,18 @@ impl<Id: DeserializeOwned> Lister<Id> {
         self.last_page = Some(fingerprint);
         match next {
             NextPage::Last => {}
+            // Every page is sent the configured headers, credentials included: a next
+            // link must not take them to another server.
+            NextPage::At(url) if url.origin() != list.url.origin() => {
+                self.pending = Some(pagination_error(
+                    page_url,
+                    format!(
+                        "the next page, {url}, is not on the list URL's origin ({}); it is \
+                         not followed, since the request headers may hold credentials",
+                        list.url.origin().ascii_serialization()
+                    ),
+                ));
+            }
             NextPage::At(url) => self.cursor.next = Some(url),
             NextPage::Unusable(message) => {
                 self.pending = Some(pagination_error(page_url, message));
