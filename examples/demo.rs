@@ -146,8 +146,8 @@ async fn list(State(api): State<Arc<Api>>, Query(query): Query<ListQuery>) -> Re
     api.pages.fetch_add(1, Ordering::Relaxed);
     let page = query.page.unwrap_or(1).max(1);
     let per_page = query.per_page.clamp(1, 1000);
-    let first = (page - 1) * per_page + 1;
-    let last = (first + per_page - 1).min(api.players);
+    let first = (page - 1).saturating_mul(per_page).saturating_add(1);
+    let last = first.saturating_add(per_page - 1).min(api.players);
     let data: Vec<_> = (first..=last)
         .map(|id| serde_json::json!({ "id": id }))
         .collect();

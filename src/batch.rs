@@ -14,6 +14,7 @@ use futures::stream::BoxStream;
 use serde::de::DeserializeOwned;
 
 pub use self::completed::AsCompleted;
+pub(crate) use self::engine::join_failure;
 pub use self::fallible::{TryAsCompleted, TryInOrder};
 pub use self::ordered::InOrder;
 pub(crate) use self::sleepers::Sleepers;

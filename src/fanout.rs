@@ -14,7 +14,7 @@ use crate::batch::Batch;
 use crate::builder::FanOutBuilder;
 use crate::dedup::Seen;
 use crate::error::Error;
-use crate::list::{ListSettings, Lister};
+use crate::list::{ListSettings, Lister, listed_ids};
 use crate::rate::Throttle;
 use crate::retry::RetryPolicy;
 use crate::template::UrlTemplate;
@@ -163,19 +163,7 @@ where
     /// # Ok(()) }
     /// ```
     pub fn fan_out_listed(&self) -> Batch<Id, T> {
-        let pages = match Lister::<Id>::new(Arc::clone(&self.shared)) {
-            Ok(lister) => futures::stream::unfold(lister, |mut lister| async move {
-                let page = lister.next_page().await?;
-                let ids: Vec<Result<Id, Error>> = match page {
-                    Ok(ids) => ids.into_iter().map(Ok).collect(),
-                    Err(err) => vec![Err(err)],
-                };
-                Some((futures::stream::iter(ids), lister))
-            })
-            .flatten()
-            .boxed(),
-            Err(err) => futures::stream::iter([Err(err)]).boxed(),
-        };
+        let pages = listed_ids::<Id>(Arc::clone(&self.shared));
         Batch::new(Arc::clone(&self.shared), pages)
     }
 

@@ -6,4 +6,4 @@ mod shape;
 
 pub use self::pagination::Pagination;
 
-pub(crate) use self::pages::{ListSettings, Lister};
+pub(crate) use self::pages::{ListSettings, Lister, listed_ids};

@@ -261,7 +261,8 @@ async fn a_server_ignoring_the_page_parameter_is_a_loop() {
     let err = fan.list_ids().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Pagination);
     assert!(
-        err.to_string().contains("same ids as the page before"),
+        err.to_string()
+            .contains("three pages in a row list the same ids"),
         "{err}"
     );
 }
@@ -289,7 +290,8 @@ async fn more_pages_than_max_pages_is_an_error_not_a_short_list() {
     let err = fan.list_ids().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Pagination);
     assert!(err.to_string().contains("more than max_pages (5)"), "{err}");
-    assert_eq!(arrivals.count(), 5);
+    // The sixth page, had it been empty, would have ended the list without error.
+    assert_eq!(arrivals.count(), 6);
 }
 
 #[tokio::test]
@@ -559,4 +561,99 @@ async fn a_next_page_on_another_origin_is_not_followed() {
     let results = fan.fan_out_listed().collect_ordered().await;
     assert_eq!(results.len(), 3);
     assert!(results[0].is_ok() && results[1].is_ok() && results[2].is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_consumer_does_not_stall_a_list_page_into_its_timeout() {
+    let server = MockServer::start().await;
+    for (page, ids) in [("2", json!([3, 4])), ("3", json!([]))] {
+        Mock::given(path("/slowly"))
+            .and(query_param("page", page))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(ids)
+                    .set_delay(Duration::from_millis(100)),
+            )
+            .mount(&server)
+            .await;
+    }
+    answer(&server, "/slowly", json!([1, 2])).await;
+    Mock::given(path_prefix_items())
+        .respond_with(support::echo_id)
+        .mount(&server)
+        .await;
+    let fan = builder::<u64>(&server, "/slowly")
+        .paginate(Pagination::page_number("page"))
+        .timeout(Duration::from_millis(300))
+        .retry(RetryPolicy::none())
+        .build()
+        .unwrap();
+    let mut done = fan.fan_out_listed().try_as_completed();
+    let mut ids = Vec::new();
+    while let Some(item) = done.next().await {
+        let (id, result) = item.unwrap();
+        result.unwrap();
+        ids.push(id);
+        // Busy longer than a page takes to time out.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_collect_ordered_returns_a_list_failure_at_once() {
+    let server = MockServer::start().await;
+    Mock::given(path("/fails"))
+        .and(query_param("page", "2"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    answer(&server, "/fails", json!([1, 2])).await;
+    Mock::given(path_prefix_items())
+        .respond_with(|request: &wiremock::Request| {
+            support::echo_id(request).set_delay(Duration::from_secs(2))
+        })
+        .mount(&server)
+        .await;
+    let fan = builder::<u64>(&server, "/fails")
+        .paginate(Pagination::page_number("page"))
+        .retry(RetryPolicy::none())
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = fan
+        .fan_out_listed()
+        .try_collect_ordered()
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::NOT_FOUND));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn list_pages_carry_the_configured_headers_and_max_pages_may_be_exact() {
+    let server = MockServer::start().await;
+    for (page, ids) in [("1", json!([1])), ("2", json!([2])), ("3", json!([]))] {
+        Mock::given(path("/private"))
+            .and(query_param("page", page))
+            .and(wiremock::matchers::header("authorization", "Bearer t0ken"))
+            .and(wiremock::matchers::header("x-api-key", "k"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(ids))
+            .expect(1)
+            .mount(&server)
+            .await;
+    }
+    let fan = builder::<u64>(&server, "/private")
+        .paginate(Pagination::page_number("page"))
+        .bearer_auth("t0ken")
+        .header("x-api-key", "k")
+        .max_pages(2)
+        .build()
+        .unwrap();
+    assert_eq!(fan.list_ids().await.unwrap(), [1, 2]);
 }

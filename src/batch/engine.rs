@@ -91,6 +91,12 @@ where
         }
     }
 
+    /// The input's failure as soon as it is known, for outputs that stop at the first
+    /// error.
+    pub(crate) fn take_input_error_now(&mut self) -> Option<Error> {
+        self.input_error.take()
+    }
+
     pub(crate) fn shared(&self) -> &Shared {
         &self.shared
     }
@@ -127,6 +133,8 @@ where
             .as_ref()
             .map_or((0, Some(0)), |ids| ids.size_hint());
         let running = self.running.len();
+        // Repeats are dropped unseen: the input's lower bound no longer holds.
+        let low = if self.seen.is_some() { 0 } else { low };
         (
             low.saturating_add(running),
             high.and_then(|h| h.checked_add(running)),
@@ -210,6 +218,20 @@ where
     }
 }
 
+impl<Id, T> Drop for Core<Id, T> {
+    fn drop(&mut self) {
+        // The plain streams have no item for an error that belongs to no id; say it
+        // somewhere rather than nowhere.
+        if let Some(err) = &self.input_error {
+            tracing::warn!(
+                error = %err,
+                "the batch's source of ids failed and the error was not taken \
+                 (the try_ forms of the streams yield it)",
+            );
+        }
+    }
+}
+
 /// One admitted id: its running task, or an outcome decided without sending anything.
 struct Running<Id, T> {
     seq: u64,
@@ -269,7 +291,7 @@ impl<Id, T> Drop for Running<Id, T> {
     }
 }
 
-fn join_failure(err: JoinError) -> Error {
+pub(crate) fn join_failure(err: JoinError) -> Error {
     if err.is_panic() {
         let payload = err.into_panic();
         let message = payload

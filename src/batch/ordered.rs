@@ -129,12 +129,20 @@ where
     core.stop_on_error();
     let mut out = Vec::with_capacity(core.size_hint().0.min(PREALLOCATE_AT_MOST));
     let mut reorder = Reorder::new();
-    while let Some(done) = poll_fn(|cx| core.poll_done(cx, u64::MAX)).await {
+    loop {
+        let next = poll_fn(|cx| {
+            let next = core.poll_done(cx, u64::MAX);
+            // A failed source of ids is an error too, the moment it is known.
+            match core.take_input_error_now() {
+                Some(err) => Poll::Ready(Err(err)),
+                None => next.map(Ok),
+            }
+        })
+        .await?;
+        let Some(done) = next else {
+            return Ok(out);
+        };
         reorder.insert(done.seq, done.result?);
         out.extend(reorder.drain_ready());
-    }
-    match core.take_input_error() {
-        Some(err) => Err(err),
-        None => Ok(out),
     }
 }

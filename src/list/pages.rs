@@ -6,12 +6,20 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::stream::{self, BoxStream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
 use url::Url;
 
 use super::pagination::{Cursor, NextPage, Style, next_page};
 use super::shape;
+use crate::batch::join_failure;
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
 use crate::request::Answer;
@@ -37,6 +45,8 @@ pub(crate) struct Lister<Id> {
     /// A fingerprint of the last page's ids, to catch a server ignoring the page
     /// parameter.
     last_page: Option<u64>,
+    /// How many pages in a row repeated the one before.
+    repeats: u32,
     /// A failure found with the last page, reported after its ids.
     pending: Option<Error>,
     _ids: PhantomData<fn() -> Id>,
@@ -57,6 +67,7 @@ impl<Id: DeserializeOwned> Lister<Id> {
             pages: 0,
             fetched: HashSet::new(),
             last_page: None,
+            repeats: 0,
             pending: None,
             _ids: PhantomData,
         })
@@ -71,23 +82,12 @@ impl<Id: DeserializeOwned> Lister<Id> {
         let Some(list) = &self.shared.list else {
             return None;
         };
-        if self.pages >= list.max_pages {
-            return Some(Err(pagination_error(
-                url,
-                format!(
-                    "the list has more than max_pages ({}) pages; raise max_pages to fetch more",
-                    list.max_pages
-                ),
-            )));
-        }
         if !self.fetched.insert(url.as_str().to_owned()) {
             return Some(Err(pagination_error(
                 url,
                 "pagination loop: this page was fetched before".to_owned(),
             )));
         }
-        self.pages += 1;
-
         let cursor = &mut self.cursor;
         let read = |answer: Answer| {
             let body: Value = serde_json::from_slice(answer.body()).map_err(|err| {
@@ -114,13 +114,39 @@ impl<Id: DeserializeOwned> Lister<Id> {
             Err(err) => return Some(Err(err)),
         };
 
-        if !ids.is_empty() && self.last_page == Some(fingerprint) {
+        if ids.is_empty() {
+            // The empty page that ends a counted list is not a page of the list.
+            return Some(Ok(ids));
+        }
+        self.pages += 1;
+        if self.pages > list.max_pages {
             return Some(Err(pagination_error(
                 page_url,
-                "pagination loop: this page lists the same ids as the page before \
-                 (is the page parameter ignored?)"
-                    .to_owned(),
+                format!(
+                    "the list has more than max_pages ({}) pages; raise max_pages to fetch more",
+                    list.max_pages
+                ),
             )));
+        }
+        // A server that ignores the page or offset parameter answers the same page
+        // under ever new URLs. One repeat can be real (rows inserted while paging);
+        // three identical pages in a row are a loop.
+        if matches!(
+            list.pagination,
+            Style::OffsetLimit { .. } | Style::PageNumber { .. }
+        ) {
+            self.repeats = match self.last_page {
+                Some(last) if last == fingerprint => self.repeats + 1,
+                _ => 0,
+            };
+            if self.repeats >= 2 {
+                return Some(Err(pagination_error(
+                    page_url,
+                    "pagination loop: three pages in a row list the same ids \
+                     (is the page parameter ignored?)"
+                        .to_owned(),
+                )));
+            }
         }
         self.last_page = Some(fingerprint);
         match next {
@@ -143,6 +169,58 @@ impl<Id: DeserializeOwned> Lister<Id> {
             }
         }
         Some(Ok(ids))
+    }
+}
+
+/// The listed ids as a batch's source. Each page is fetched in a task of its own when
+/// the batch wants more ids, so that once started it runs to the end (and its timeout
+/// is its own) whether or not the batch's consumer is polling at the time.
+pub(crate) fn listed_ids<Id>(shared: Arc<Shared>) -> BoxStream<'static, Result<Id, Error>>
+where
+    Id: DeserializeOwned + Send + 'static,
+{
+    let lister = match Lister::<Id>::new(shared) {
+        Ok(lister) => lister,
+        Err(err) => return stream::iter([Err(err)]).boxed(),
+    };
+    stream::unfold(Some(lister), |lister| async move {
+        let mut lister = lister?;
+        let Ok(runtime) = Handle::try_current() else {
+            let err = Error::new(
+                ErrorKind::Runtime,
+                "fanout's batches must be polled inside a Tokio runtime",
+            );
+            return Some((vec![Err(err)], None));
+        };
+        let task = AbortOnDrop(runtime.spawn(async move {
+            let page = lister.next_page().await;
+            (lister, page)
+        }));
+        match task.await {
+            Ok((lister, Some(Ok(ids)))) => Some((ids.into_iter().map(Ok).collect(), Some(lister))),
+            Ok((_, Some(Err(err)))) => Some((vec![Err(err)], None)),
+            Ok((_, None)) => None,
+            Err(err) => Some((vec![Err(join_failure(err))], None)),
+        }
+    })
+    .flat_map(stream::iter)
+    .boxed()
+}
+
+/// A task that is cancelled when whoever waits for it goes away.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

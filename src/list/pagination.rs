@@ -212,11 +212,13 @@ pub(crate) fn next_page(
     match style {
         Style::None => NextPage::Last,
         Style::LinkHeader => match next_link(headers) {
-            None => NextPage::Last,
-            Some(target) => match page_url.join(&target) {
+            LinkNext::None => NextPage::Last,
+            LinkNext::Unreadable(message) => NextPage::Unusable(message),
+            LinkNext::At(target) => match page_url.join(&target) {
                 Ok(url) => NextPage::At(url),
                 Err(err) => NextPage::Unusable(format!(
-                    "the Link header's next target {target:?} is not a URL ({err})"
+                    "the Link header's next target {:?} is not a URL ({err})",
+                    shorten(&target)
                 )),
             },
         },
@@ -226,7 +228,8 @@ pub(crate) fn next_page(
             Some(Value::String(target)) => match page_url.join(target) {
                 Ok(url) => NextPage::At(url),
                 Err(err) => NextPage::Unusable(format!(
-                    "the next-page link at {at:?} is not a URL: {target:?} ({err})"
+                    "the next-page link at {at:?} is not a URL: {:?} ({err})",
+                    shorten(target)
                 )),
             },
             Some(other) => NextPage::Unusable(format!(
@@ -260,72 +263,113 @@ pub(crate) fn next_page(
     }
 }
 
-/// `url` with the query parameter `name` set to `value` (replacing any there).
+/// `url` with the query parameter `name` set to `value`: any `name=` already there is
+/// removed, and every other parameter is kept byte for byte, in its place (signed
+/// URLs and servers that read `+` literally depend on that).
 fn with_param(url: &Url, name: &str, value: &str) -> Url {
-    let kept: Vec<(String, String)> = url
-        .query_pairs()
-        .filter(|(key, _)| key != name)
-        .map(|(key, value)| (key.into_owned(), value.into_owned()))
-        .collect();
+    let mut query = String::new();
+    for pair in url.query().unwrap_or_default().split('&') {
+        let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+        let decoded = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+        if pair.is_empty() || decoded == name {
+            continue;
+        }
+        query.push_str(pair);
+        query.push('&');
+    }
+    let encode = |text| url::form_urlencoded::byte_serialize(text).collect::<String>();
+    query.push_str(&encode(name.as_bytes()));
+    query.push('=');
+    query.push_str(&encode(value.as_bytes()));
     let mut url = url.clone();
-    url.query_pairs_mut()
-        .clear()
-        .extend_pairs(kept)
-        .append_pair(name, value);
+    url.set_query(Some(&query));
     url
 }
 
-/// The target of the first `rel="next"` link in the `Link` headers (RFC 8288).
-pub(crate) fn next_link(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(LINK)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(split_links)
-        .find_map(link_target_if_next)
+/// What the `Link` headers say about the next page (RFC 8288).
+pub(crate) enum LinkNext {
+    None,
+    At(String),
+    /// A `Link` header that cannot be read: better an error than a silently short list.
+    Unreadable(String),
 }
 
-/// Splits a `Link` header value into its comma-separated link-values, leaving commas
-/// inside `<...>` and quoted strings alone.
-fn split_links(value: &str) -> Vec<&str> {
-    let mut links = Vec::new();
+/// The target of the first `rel="next"` link in the `Link` headers.
+pub(crate) fn next_link(headers: &HeaderMap) -> LinkNext {
+    for value in headers.get_all(LINK) {
+        let Ok(text) = std::str::from_utf8(value.as_bytes()) else {
+            return LinkNext::Unreadable("a Link header is not UTF-8".to_owned());
+        };
+        for link in split_outside_quotes(text, ',', true) {
+            if link.trim().is_empty() {
+                continue;
+            }
+            match link_target_if_next(link) {
+                Ok(Some(target)) => return LinkNext::At(target),
+                Ok(None) => {}
+                Err(()) => {
+                    return LinkNext::Unreadable(format!(
+                        "a Link header value is not `<target>; rel=...`: {:?}",
+                        shorten(link.trim())
+                    ));
+                }
+            }
+        }
+    }
+    LinkNext::None
+}
+
+/// Splits `text` at `separator`, except inside quoted strings (and, with `targets`,
+/// inside `<...>`).
+fn split_outside_quotes(text: &str, separator: char, targets: bool) -> Vec<&str> {
+    let mut parts = Vec::new();
     let (mut start, mut in_target, mut in_quotes, mut escaped) = (0, false, false, false);
-    for (at, c) in value.char_indices() {
+    for (at, c) in text.char_indices() {
         match c {
             _ if escaped => escaped = false,
             '\\' if in_quotes => escaped = true,
             '"' if !in_target => in_quotes = !in_quotes,
-            '<' if !in_quotes => in_target = true,
-            '>' if !in_quotes => in_target = false,
-            ',' if !in_quotes && !in_target => {
-                links.push(&value[start..at]);
-                start = at + 1;
+            '<' if targets && !in_quotes => in_target = true,
+            '>' if targets && !in_quotes => in_target = false,
+            _ if c == separator && !in_quotes && !in_target => {
+                parts.push(&text[start..at]);
+                start = at + c.len_utf8();
             }
             _ => {}
         }
     }
-    links.push(&value[start..]);
-    links
+    parts.push(&text[start..]);
+    parts
 }
 
-/// `<target>; rel="next"` → `target`; `rel` may list several types (`"next last"`).
-fn link_target_if_next(link: &str) -> Option<String> {
-    let link = link.trim();
-    let rest = link.strip_prefix('<')?;
-    let end = rest.find('>')?;
+/// `<target>; rel="next"` → `Ok(Some(target))`; `rel` may list several types
+/// (`"next last"`). `Err` when the link is not of that form.
+fn link_target_if_next(link: &str) -> Result<Option<String>, ()> {
+    let rest = link.trim().strip_prefix('<').ok_or(())?;
+    let end = rest.find('>').ok_or(())?;
     let (target, params) = (&rest[..end], &rest[end + 1..]);
-    let is_next = params.split(';').any(|param| {
-        let Some((name, value)) = param.split_once('=') else {
-            return false;
-        };
-        name.trim().eq_ignore_ascii_case("rel")
-            && value
-                .trim()
-                .trim_matches('"')
-                .split_ascii_whitespace()
-                .any(|rel| rel.eq_ignore_ascii_case("next"))
-    });
-    is_next.then(|| target.trim().to_owned())
+    let is_next = split_outside_quotes(params, ';', false)
+        .into_iter()
+        .any(|param| {
+            let Some((name, value)) = param.split_once('=') else {
+                return false;
+            };
+            name.trim().eq_ignore_ascii_case("rel")
+                && value
+                    .trim()
+                    .trim_matches('"')
+                    .split_ascii_whitespace()
+                    .any(|rel| rel.eq_ignore_ascii_case("next"))
+        });
+    Ok(is_next.then(|| target.trim().to_owned()))
+}
+
+/// At most 100 characters of `text`, for messages.
+pub(crate) fn shorten(text: &str) -> String {
+    match text.char_indices().nth(100) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
 }
 
 /// "an object with keys data, meta", "a string", ...: what a pointer found instead.
@@ -337,7 +381,7 @@ pub(crate) fn describe(value: &Value) -> String {
         Value::String(_) => "a string".to_owned(),
         Value::Array(items) => format!("an array of {} items", items.len()),
         Value::Object(map) => {
-            let keys: Vec<&str> = map.keys().take(8).map(String::as_str).collect();
+            let keys: Vec<String> = map.keys().take(8).map(|key| shorten(key)).collect();
             let more = if map.len() > keys.len() { ", ..." } else { "" };
             format!("an object with keys {}{more}", keys.join(", "))
         }
@@ -357,13 +401,21 @@ mod tests {
         headers
     }
 
+    fn next(headers: &HeaderMap) -> Option<String> {
+        match next_link(headers) {
+            LinkNext::At(target) => Some(target),
+            LinkNext::None => None,
+            LinkNext::Unreadable(message) => panic!("{message}"),
+        }
+    }
+
     #[test]
     fn finds_the_next_link_among_others() {
         let headers = links(&[
             r#"<https://api.example.com/items?page=1>; rel="prev", <https://api.example.com/items?page=3>; rel="next", <https://api.example.com/items?page=9>; rel="last""#,
         ]);
         assert_eq!(
-            next_link(&headers).as_deref(),
+            next(&headers).as_deref(),
             Some("https://api.example.com/items?page=3")
         );
     }
@@ -371,28 +423,50 @@ mod tests {
     #[test]
     fn reads_rel_lists_unquoted_values_commas_in_targets_and_several_headers() {
         assert_eq!(
-            next_link(&links(&[
+            next(&links(&[
                 r#"</items?a=1,2>; title="x, y"; rel="next last""#
             ]))
             .as_deref(),
             Some("/items?a=1,2")
         );
+        assert_eq!(next(&links(&["</p2>; REL=next"])).as_deref(), Some("/p2"));
         assert_eq!(
-            next_link(&links(&["</p2>; REL=next"])).as_deref(),
-            Some("/p2")
-        );
-        assert_eq!(
-            next_link(&links(&[r#"</p1>; rel="prev""#, r#"</p3>; rel="next""#])).as_deref(),
+            next(&links(&[r#"</p1>; rel="prev""#, r#"</p3>; rel="next""#])).as_deref(),
             Some("/p3")
         );
     }
 
     #[test]
-    fn no_next_link_means_none() {
-        assert_eq!(next_link(&HeaderMap::new()), None);
-        assert_eq!(next_link(&links(&[r#"</p1>; rel="prev""#])), None);
-        assert_eq!(next_link(&links(&["garbage"])), None);
-        assert_eq!(next_link(&links(&[r#"</p1>; rel="nextish""#])), None);
+    fn no_next_link_means_none_and_garbage_is_reported() {
+        assert_eq!(next(&HeaderMap::new()), None);
+        assert_eq!(next(&links(&[r#"</p1>; rel="prev""#])), None);
+        assert_eq!(next(&links(&[r#"</p1>; rel="nextish""#])), None);
+        // A `;` inside a quoted parameter does not start a parameter.
+        assert_eq!(next(&links(&[r#"</p4>; title="x;rel=next""#])), None);
+        assert!(matches!(
+            next_link(&links(&["garbage"])),
+            LinkNext::Unreadable(_)
+        ));
+        let mut latin = HeaderMap::new();
+        latin.insert(
+            LINK,
+            HeaderValue::from_bytes(b"</caf\xe9>; rel=next").unwrap(),
+        );
+        assert!(matches!(next_link(&latin), LinkNext::Unreadable(_)));
+    }
+
+    #[test]
+    fn with_param_keeps_other_parameters_byte_for_byte() {
+        let url = Url::parse("http://h/l?sig=a%2Fb%3D&flag&q=a%20b&page=3").unwrap();
+        assert_eq!(
+            with_param(&url, "page", "4").as_str(),
+            "http://h/l?sig=a%2Fb%3D&flag&q=a%20b&page=4"
+        );
+        let bare = Url::parse("http://h/l").unwrap();
+        assert_eq!(
+            with_param(&bare, "a b", "c&d").as_str(),
+            "http://h/l?a+b=c%26d"
+        );
     }
 
     #[test]

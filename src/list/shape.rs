@@ -3,7 +3,7 @@
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::pagination::describe;
+use super::pagination::{describe, shorten};
 
 /// The ids in `body`: the array at `ids_at` (a JSON pointer; empty for the top level),
 /// each element either an id itself or an object holding it under `id_field`.
@@ -57,12 +57,21 @@ pub(crate) fn ids<'a, Id: DeserializeOwned>(
                 })?,
                 _ => item,
             };
-            Id::deserialize(id).map_err(|err| {
-                format!(
-                    "item {index} of the array {}: the id {id} is not usable: {err}",
-                    place()
-                )
-            })
+            Id::deserialize(id)
+                .or_else(|err| match id {
+                    // `[1, 2, 3]` read as string ids: the number's text is the id.
+                    Value::Number(number) => {
+                        Id::deserialize(Value::String(number.to_string())).map_err(|_| err)
+                    }
+                    _ => Err(err),
+                })
+                .map_err(|err| {
+                    format!(
+                        "item {index} of the array {}: the id {} is not usable: {err}",
+                        place(),
+                        shorten(&id.to_string())
+                    )
+                })
         })
         .collect::<Result<_, _>>()?;
     Ok((ids, items))
@@ -108,10 +117,19 @@ mod tests {
             err.contains("item 1") && err.contains("keys name") && err.contains("\"id\""),
             "{err}"
         );
-        let err = strings(json!([1]), "").unwrap_err();
+        let err = ids::<u64>(&json!(["x"]), "", "id").unwrap_err();
         assert!(
-            err.contains("the id 1 is not usable: invalid type: integer"),
+            err.contains("the id \"x\" is not usable: invalid type: string"),
             "{err}"
         );
+        let huge = json!([{ "id": { "blob": "z".repeat(10_000) } }]);
+        let err = ids::<u64>(&huge, "", "id").unwrap_err();
+        assert!(err.len() < 400, "{} bytes", err.len());
+    }
+
+    #[test]
+    fn numbers_are_accepted_as_string_ids() {
+        assert_eq!(strings(json!([1, 2]), "").unwrap(), ["1", "2"]);
+        assert_eq!(strings(json!([{"id": 7}]), "").unwrap(), ["7"]);
     }
 }
