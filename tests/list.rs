@@ -27,6 +27,12 @@ async fn answer(server: &MockServer, at: &str, body: serde_json::Value) {
         .await;
 }
 
+/// The number in query parameter `name`, if there is one.
+fn query_number(request: &wiremock::Request, name: &str) -> Option<u64> {
+    let (_, value) = request.url.query_pairs().find(|(key, _)| key == name)?;
+    Some(value.parse().unwrap())
+}
+
 #[tokio::test]
 async fn a_bare_array_of_strings_or_numbers() {
     let server = MockServer::start().await;
@@ -178,12 +184,7 @@ async fn offset_and_limit_parameters() {
     let served = arrivals.clone();
     Mock::given(path("/items"))
         .respond_with(served.answer(|request: &wiremock::Request| {
-            let offset: usize = request
-                .url
-                .query_pairs()
-                .find(|(k, _)| k == "offset")
-                .map(|(_, v)| v.parse().unwrap())
-                .unwrap();
+            let offset = query_number(request, "offset").unwrap() as usize;
             let all = [10, 11, 12, 13, 14];
             let page: Vec<u32> = all.iter().copied().skip(offset).take(2).collect();
             ResponseTemplate::new(200).set_body_json(page)
@@ -273,11 +274,7 @@ async fn more_pages_than_max_pages_is_an_error_not_a_short_list() {
     let arrivals = Arrivals::default();
     Mock::given(path("/endless"))
         .respond_with(arrivals.answer(|request: &wiremock::Request| {
-            let page: u64 = request
-                .url
-                .query_pairs()
-                .find(|(k, _)| k == "page")
-                .map_or(1, |(_, v)| v.parse().unwrap());
+            let page = query_number(request, "page").unwrap_or(1);
             ResponseTemplate::new(200).set_body_json(json!([page]))
         }))
         .mount(&server)

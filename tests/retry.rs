@@ -38,6 +38,17 @@ async fn fetch_one(fan: &FanOut<String, Item>, id: &str) -> Result<Item, fanout:
         .remove(0)
 }
 
+/// A server answering every request with `answer`, expecting `times` of them.
+async fn answering(answer: impl wiremock::Respond + 'static, times: u64) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(answer)
+        .expect(times)
+        .mount(&server)
+        .await;
+    server
+}
+
 /// Answers `first` for the first `times` requests to `/items/{id}`, then echoes the id.
 async fn failing_then_ok(
     server: &MockServer,
@@ -73,12 +84,7 @@ async fn two_503s_then_a_200_succeed_on_the_third_attempt() {
 
 #[tokio::test]
 async fn a_404_is_an_answer_and_is_tried_exactly_once() {
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .respond_with(ResponseTemplate::new(404))
-        .expect(1)
-        .mount(&server)
-        .await;
+    let server = answering(ResponseTemplate::new(404), 1).await;
     let err = fetch_one(&client(&server, quick()), "gone")
         .await
         .unwrap_err();
@@ -88,12 +94,7 @@ async fn a_404_is_an_answer_and_is_tried_exactly_once() {
 
 #[tokio::test]
 async fn malformed_json_is_final_too() {
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .respond_with(ResponseTemplate::new(200).set_body_string("{\"id\": "))
-        .expect(1)
-        .mount(&server)
-        .await;
+    let server = answering(ResponseTemplate::new(200).set_body_string("{\"id\": "), 1).await;
     let err = fetch_one(&client(&server, quick()), "x").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Decode);
     assert_eq!(err.attempts(), 1);
@@ -120,12 +121,7 @@ async fn when_retries_run_out_the_error_is_the_last_failure_with_its_attempts() 
 
 #[tokio::test]
 async fn max_retries_zero_means_one_attempt() {
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .respond_with(ResponseTemplate::new(503))
-        .expect(2)
-        .mount(&server)
-        .await;
+    let server = answering(ResponseTemplate::new(503), 2).await;
     let err = fetch_one(&client(&server, quick().max_retries(0)), "c")
         .await
         .unwrap_err();
@@ -171,12 +167,11 @@ async fn a_malformed_retry_after_is_ignored() {
 
 #[tokio::test]
 async fn a_retry_after_beyond_the_cap_fails_at_once_and_says_why() {
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "1728000"))
-        .expect(1)
-        .mount(&server)
-        .await;
+    let server = answering(
+        ResponseTemplate::new(429).insert_header("Retry-After", "1728000"),
+        1,
+    )
+    .await;
     let started = Instant::now();
     let err = fetch_one(&client(&server, quick()), "g").await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(1));
@@ -231,12 +226,7 @@ async fn retry_if_replaces_the_default_rule() {
     assert_eq!(seen.load(Ordering::SeqCst), 2);
 
     // And can refuse what the default rule would retry.
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .respond_with(ResponseTemplate::new(503))
-        .expect(1)
-        .mount(&server)
-        .await;
+    let server = answering(ResponseTemplate::new(503), 1).await;
     let policy = quick().retry_if(|failure| failure.is_transient() && failure.status().is_none());
     let err = fetch_one(&client(&server, policy), "j").await.unwrap_err();
     assert_eq!(err.attempts(), 1);
@@ -403,14 +393,11 @@ async fn limits_too_large_to_represent_mean_no_limit() {
     assert_eq!(fetch_one(&fan, "q").await.unwrap().id, "q");
 
     // A Retry-After of 10^22 seconds, allowed by the cap, cannot be waited for.
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .respond_with(
-            ResponseTemplate::new(429).insert_header("Retry-After", "9999999999999999999999"),
-        )
-        .expect(1)
-        .mount(&server)
-        .await;
+    let server = answering(
+        ResponseTemplate::new(429).insert_header("Retry-After", "9999999999999999999999"),
+        1,
+    )
+    .await;
     let policy = quick().max_retry_after(Duration::MAX);
     let err = fetch_one(&client(&server, policy), "r").await.unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::TOO_MANY_REQUESTS));
