@@ -1,0 +1,540 @@
+//! Throughput and CPU per request of `fanout` against the loop a user would write by
+//! hand, side by side on one server; and how close a fan-out over a slow server comes
+//! to the ideal makespan.
+//!
+//! ```text
+//! cargo bench --bench throughput                          # 5 rounds, 30,000 requests per run
+//! cargo bench --bench throughput -- --rounds 7 --requests 50000
+//! cargo bench --bench throughput -- --only throughput     # or: --only schedule
+//! ```
+//!
+//! **Throughput.** A server process (this binary, started with `--serve`) answers
+//! every `GET /items/{id}` at once with the same 230-byte JSON record. Each run is a
+//! client process of its own (`--client`), so that peak RSS and CPU time are that
+//! client's alone and no connection pool carries over. A run warms up (2 ×
+//! concurrency requests) and then times `--requests` requests, all decoded into the
+//! same struct, with one of four clients:
+//!
+//! - `buffered`: `stream::iter(ids).map(|id| fetch(id)).buffer_unordered(n)`, the
+//!   hand-written reqwest loop;
+//! - `spawned`: the same with `tokio::spawn` around each request;
+//! - `as_completed` and `collect_ordered`: `fanout`, with a retry policy, a rate
+//!   limit set too high to bind, a body size cap and a per-attempt timeout.
+//!
+//! Within a round the four run back to back, the order rotating from round to round.
+//! Each variant's ratio to `buffered` is taken within a round and the median over the
+//! rounds is reported, so slow phases of a noisy machine hit both sides of a ratio.
+//!
+//! **Scheduling.** A second server delays every answer by 20 ms; 5,000 ids at
+//! concurrency 100 should take 5000 / 100 × 20 ms = 1 s. Reported: makespan / ideal.
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::header::CONTENT_TYPE;
+use axum::routing::get;
+use fanout::{FanOut, Quota, RetryPolicy, reqwest};
+use futures::StreamExt;
+
+const CONCURRENCIES: [usize; 3] = [16, 64, 256];
+const SCHEDULE_IDS: u64 = 5_000;
+const SCHEDULE_CONCURRENCY: usize = 100;
+const SCHEDULE_DELAY: Duration = Duration::from_millis(20);
+
+/// What every request gets back.
+const BODY: &str = r#"{"id":7,"name":"Jordan Example","team":"Riverside Comets","position":"guard","active":true,"stats":{"games":82,"points":2140,"assists":512,"rebounds":388,"minutes":2877.5},"tags":["all-star","veteran","captain"]}"#;
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Player {
+    id: u64,
+    name: String,
+    team: String,
+    position: String,
+    active: bool,
+    stats: Stats,
+    tags: Vec<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Stats {
+    games: u32,
+    points: u32,
+    assists: u32,
+    rebounds: u32,
+    minutes: f64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Buffered,
+    Spawned,
+    AsCompleted,
+    Ordered,
+}
+
+const VARIANTS: [Variant; 4] = [
+    Variant::Buffered,
+    Variant::Spawned,
+    Variant::AsCompleted,
+    Variant::Ordered,
+];
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Buffered => "buffered",
+            Variant::Spawned => "spawned",
+            Variant::AsCompleted => "as_completed",
+            Variant::Ordered => "collect_ordered",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Buffered => "(a) buffer_unordered",
+            Variant::Spawned => "(b) spawn + buffer_unordered",
+            Variant::AsCompleted => "(c) fanout as_completed",
+            Variant::Ordered => "(d) fanout collect_ordered",
+        }
+    }
+}
+
+impl FromStr for Variant {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        VARIANTS
+            .into_iter()
+            .find(|v| v.name() == name)
+            .ok_or_else(|| format!("unknown variant {name:?}"))
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| arg != "--bench")
+        .collect();
+    match args.first().map(String::as_str) {
+        Some("--serve") => serve(Duration::from_millis(number(&args, 1))),
+        Some("--client") => {
+            let variant: Variant = args[1].parse().unwrap();
+            let addr: SocketAddr = args[2].parse().unwrap();
+            let run = client(variant, addr, number(&args, 3), number(&args, 4));
+            println!("{run}");
+        }
+        _ => compare(&Options::parse(&args)),
+    }
+}
+
+fn number<N: FromStr>(args: &[String], at: usize) -> N
+where
+    N::Err: fmt::Debug,
+{
+    args[at].parse().unwrap()
+}
+
+struct Options {
+    rounds: usize,
+    requests: u64,
+    throughput: bool,
+    schedule: bool,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Self {
+        let mut options = Options {
+            rounds: 5,
+            requests: 30_000,
+            throughput: true,
+            schedule: true,
+        };
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().expect("a value after the option").as_str();
+            match arg.as_str() {
+                "--rounds" => options.rounds = value().parse().expect("--rounds N"),
+                "--requests" => options.requests = value().parse().expect("--requests N"),
+                "--only" => match value() {
+                    "throughput" => options.schedule = false,
+                    "schedule" => options.throughput = false,
+                    other => panic!("--only throughput|schedule, not {other:?}"),
+                },
+                other => panic!("unknown option {other:?}"),
+            }
+        }
+        options
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The server process.
+
+/// Serves `GET /items/{id}` with [`BODY`] after `delay`, prints its address, and
+/// exits when its standard input closes (when the harness is done or gone).
+fn serve(delay: Duration) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    println!("{}", listener.local_addr().unwrap());
+    std::io::stdout().flush().unwrap();
+    let app = Router::new().route(
+        "/items/{id}",
+        get(move || async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            ([(CONTENT_TYPE, "application/json")], BODY)
+        }),
+    );
+    runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
+struct Server {
+    process: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(delay: Duration) -> Self {
+        let mut process = Command::new(std::env::current_exe().unwrap())
+            .args(["--serve", &delay.as_millis().to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(process.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line.trim().parse().unwrap();
+        Server { process, addr }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        drop(self.process.stdin.take()); // end of input: the server exits
+        let _ = self.process.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The client process: one timed run of one variant.
+
+/// One timed run, as a client process reports it.
+struct Run {
+    seconds: f64,
+    cpu_seconds: f64,
+    peak_rss_kb: u64,
+}
+
+impl fmt::Display for Run {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} {}",
+            self.seconds, self.cpu_seconds, self.peak_rss_kb
+        )
+    }
+}
+
+impl FromStr for Run {
+    type Err = String;
+
+    fn from_str(line: &str) -> Result<Self, String> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [seconds, cpu, peak] = fields[..] else {
+            return Err(format!("not a run: {line:?}"));
+        };
+        let bad = |err: &dyn fmt::Display| format!("{err} in {line:?}");
+        Ok(Run {
+            seconds: seconds.parse().map_err(|e| bad(&e))?,
+            cpu_seconds: cpu.parse().map_err(|e| bad(&e))?,
+            peak_rss_kb: peak.parse().map_err(|e| bad(&e))?,
+        })
+    }
+}
+
+fn client(variant: Variant, addr: SocketAddr, concurrency: usize, requests: u64) -> Run {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let base: Arc<str> = format!("http://{addr}").into();
+    let warm_up = 0..2 * concurrency as u64;
+    let ids = 0..requests;
+    let (seconds, cpu_seconds, ok) = runtime.block_on(async {
+        match variant {
+            Variant::Buffered | Variant::Spawned => {
+                let client = reqwest::Client::new();
+                let run = |ids| by_hand(variant, &client, &base, ids, concurrency);
+                run(warm_up).await;
+                timed(run(ids)).await
+            }
+            Variant::AsCompleted | Variant::Ordered => {
+                let fan = FanOut::<u64, Player>::builder()
+                    .detail_url(&format!("{base}/items/{{id}}"))
+                    .concurrency(concurrency)
+                    .retry(RetryPolicy::exponential().max_retries(3))
+                    .rate_limit(Quota::per_second(NonZeroU32::MAX))
+                    .max_body_bytes(1 << 20)
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .unwrap();
+                let run = |ids| with_fanout(variant, &fan, ids);
+                run(warm_up).await;
+                timed(run(ids)).await
+            }
+        }
+    });
+    assert_eq!(ok, requests, "every request succeeded");
+    Run {
+        seconds,
+        cpu_seconds,
+        peak_rss_kb: peak_rss_kb(),
+    }
+}
+
+/// Runs `work` (which counts successes) and returns (wall seconds, CPU seconds, count).
+async fn timed(work: impl Future<Output = u64>) -> (f64, f64, u64) {
+    let (cpu, started) = (cpu_seconds(), Instant::now());
+    let ok = work.await;
+    (started.elapsed().as_secs_f64(), cpu_seconds() - cpu, ok)
+}
+
+/// The hand-written loops: (a) and (b).
+async fn by_hand(
+    variant: Variant,
+    client: &reqwest::Client,
+    base: &Arc<str>,
+    ids: std::ops::Range<u64>,
+    concurrency: usize,
+) -> u64 {
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    // What `Response::json` does (reqwest's `json` feature is not enabled here).
+    async fn fetch(client: &reqwest::Client, base: &str, id: u64) -> Result<Player, BoxError> {
+        let response = client
+            .get(format!("{base}/items/{id}"))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(serde_json::from_slice(&response.bytes().await?)?)
+    }
+    let ids = futures::stream::iter(ids);
+    if variant == Variant::Spawned {
+        ids.map(|id| {
+            let (client, base) = (client.clone(), Arc::clone(base));
+            tokio::spawn(async move { fetch(&client, &base, id).await })
+        })
+        .buffer_unordered(concurrency)
+        .fold(0, |ok, joined| async move {
+            ok + u64::from(matches!(joined, Ok(Ok(_))))
+        })
+        .await
+    } else {
+        ids.map(|id| fetch(client, base, id))
+            .buffer_unordered(concurrency)
+            .fold(
+                0,
+                |ok, result| async move { ok + u64::from(result.is_ok()) },
+            )
+            .await
+    }
+}
+
+/// `fanout`'s two outputs: (c) and (d).
+async fn with_fanout(
+    variant: Variant,
+    fan: &FanOut<u64, Player>,
+    ids: std::ops::Range<u64>,
+) -> u64 {
+    let batch = fan.fan_out(ids);
+    if variant == Variant::AsCompleted {
+        batch
+            .as_completed()
+            .fold(0, |ok, (_, result)| async move {
+                ok + u64::from(result.is_ok())
+            })
+            .await
+    } else {
+        let all = batch.collect_ordered().await;
+        all.iter().filter(|result| result.is_ok()).count() as u64
+    }
+}
+
+/// User plus system CPU time of this process so far, all threads.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, &mut usage), 0);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+fn peak_rss_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/self/status")
+}
+
+/// Starts a client process for one run and waits for its report.
+fn run_client(variant: Variant, addr: SocketAddr, concurrency: usize, requests: u64) -> Run {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--client",
+            variant.name(),
+            &addr.to_string(),
+            &concurrency.to_string(),
+            &requests.to_string(),
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{} failed", variant.name());
+    String::from_utf8(output.stdout).unwrap().parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------------
+// The harness.
+
+fn compare(options: &Options) {
+    println!(
+        "{} cores; {} rounds; client and server are separate processes on loopback",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        options.rounds
+    );
+    if options.throughput {
+        throughput(options);
+    }
+    if options.schedule {
+        schedule(options.rounds);
+    }
+}
+
+fn throughput(options: &Options) {
+    let server = Server::start(Duration::ZERO);
+    let requests = options.requests;
+    println!(
+        "\nthroughput: {requests} requests per run (after a warm-up), a {}-byte JSON body",
+        BODY.len()
+    );
+    for concurrency in CONCURRENCIES {
+        // runs[variant][round]
+        let mut runs: Vec<Vec<Run>> = VARIANTS.iter().map(|_| Vec::new()).collect();
+        for round in 0..options.rounds {
+            for offset in 0..VARIANTS.len() {
+                let which = (round + offset) % VARIANTS.len();
+                let run = run_client(VARIANTS[which], server.addr, concurrency, requests);
+                runs[which].push(run);
+            }
+        }
+        print_table(concurrency, requests, &runs);
+    }
+}
+
+fn print_table(concurrency: usize, requests: u64, runs: &[Vec<Run>]) {
+    let rate = |run: &Run| requests as f64 / run.seconds;
+    let cpu = |run: &Run| run.cpu_seconds / requests as f64 * 10_000.0;
+    let base = &runs[0];
+    let best_by_hand: Vec<f64> = base
+        .iter()
+        .zip(&runs[1])
+        .map(|(a, b)| rate(a).max(rate(b)))
+        .collect();
+    println!(
+        "\nconcurrency {concurrency}\n{:<30} {:>9} {:>9} {:>11} {:>9} {:>9} {:>9}",
+        "client", "req/s", "vs (a)", "vs best a/b", "CPU s/10k", "vs (a)", "peak RSS"
+    );
+    for (variant, runs) in VARIANTS.iter().zip(runs) {
+        let speed = median(runs.iter().zip(base).map(|(r, a)| rate(r) / rate(a)));
+        let vs_best = median(
+            runs.iter()
+                .zip(&best_by_hand)
+                .map(|(r, best)| rate(r) / best),
+        );
+        let cpu_ratio = median(runs.iter().zip(base).map(|(r, a)| cpu(r) / cpu(a)));
+        println!(
+            "{:<30} {:>9.0} {:>9.3} {:>11.3} {:>9.3} {:>9.3} {:>6.1} MiB",
+            variant.label(),
+            median(runs.iter().map(rate)),
+            speed,
+            vs_best,
+            median(runs.iter().map(cpu)),
+            cpu_ratio,
+            median(runs.iter().map(|r| r.peak_rss_kb as f64)) / 1024.0,
+        );
+    }
+}
+
+fn schedule(rounds: usize) {
+    let server = Server::start(SCHEDULE_DELAY);
+    let ideal = SCHEDULE_IDS as f64 / SCHEDULE_CONCURRENCY as f64 * SCHEDULE_DELAY.as_secs_f64();
+    println!(
+        "\nscheduling: {SCHEDULE_IDS} ids at concurrency {SCHEDULE_CONCURRENCY}, every answer \
+         delayed {} ms; ideal {ideal:.3} s",
+        SCHEDULE_DELAY.as_millis()
+    );
+    let mut runs: Vec<Vec<Run>> = VARIANTS.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for offset in 0..VARIANTS.len() {
+            let which = (round + offset) % VARIANTS.len();
+            let run = run_client(
+                VARIANTS[which],
+                server.addr,
+                SCHEDULE_CONCURRENCY,
+                SCHEDULE_IDS,
+            );
+            runs[which].push(run);
+        }
+    }
+    println!(
+        "{:<30} {:>11} {:>15}",
+        "client", "makespan", "makespan/ideal"
+    );
+    for (variant, runs) in VARIANTS.iter().zip(&runs) {
+        let seconds: Vec<f64> = runs.iter().map(|run| run.seconds).collect();
+        let makespan = median(seconds.iter().copied());
+        let (low, high) = min_max(&seconds);
+        println!(
+            "{:<30} {:>9.3} s {:>8.3} ({:.3}-{:.3})",
+            variant.label(),
+            makespan,
+            makespan / ideal,
+            low / ideal,
+            high / ideal
+        );
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn min_max(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), &v| {
+            (low.min(v), high.max(v))
+        })
+}
