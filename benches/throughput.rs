@@ -188,17 +188,71 @@ fn serve(delay: Duration) {
         .unwrap();
     println!("{}", listener.local_addr().unwrap());
     std::io::stdout().flush().unwrap();
+    let timer = (!delay.is_zero()).then(Timer::start);
     let app = Router::new().route(
         "/items/{id}",
         get(move || async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+            if let Some(timer) = timer {
+                timer.sleep(delay).await;
             }
             ([(CONTENT_TYPE, "application/json")], BODY)
         }),
     );
     runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
+/// Sleeps timed by a thread of their own, to a fraction of a millisecond. Tokio's
+/// timer works in whole milliseconds and rounds up, which would add about half a
+/// millisecond to every 20 ms answer: the harness's error, not the client's.
+#[derive(Clone)]
+struct Timer {
+    requests: std::sync::mpsc::Sender<(Instant, Wake)>,
+}
+
+type Wake = tokio::sync::oneshot::Sender<()>;
+
+impl Timer {
+    fn start() -> Self {
+        let (requests, incoming) = std::sync::mpsc::channel::<(Instant, Wake)>();
+        std::thread::spawn(move || {
+            // Earliest deadline first; the counter keeps entries distinct.
+            let mut due = std::collections::BTreeMap::<(Instant, u64), Wake>::new();
+            let mut next_key = 0u64;
+            loop {
+                let now = Instant::now();
+                while let Some(entry) = due.first_entry() {
+                    if entry.key().0 > now {
+                        break;
+                    }
+                    let _ = entry.remove().send(());
+                }
+                let request = match due.first_key_value() {
+                    Some(((at, _), _)) => {
+                        match incoming.recv_timeout(at.saturating_duration_since(now)) {
+                            Ok(request) => request,
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
+                    None => match incoming.recv() {
+                        Ok(request) => request,
+                        Err(_) => return,
+                    },
+                };
+                due.insert((request.0, next_key), request.1);
+                next_key += 1;
+            }
+        });
+        Timer { requests }
+    }
+
+    async fn sleep(&self, delay: Duration) {
+        let (wake, woken) = tokio::sync::oneshot::channel();
+        if self.requests.send((Instant::now() + delay, wake)).is_ok() {
+            let _ = woken.await;
+        }
+    }
 }
 
 struct Server {

@@ -1,6 +1,7 @@
 //! `Batch`: one fan-out, waiting to be consumed in the shape the caller wants.
 
 mod completed;
+mod driven;
 mod engine;
 mod fallible;
 mod ordered;

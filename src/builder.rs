@@ -448,19 +448,22 @@ impl<Id, T> FanOutBuilder<Id, T> {
             None => self.concurrency.saturating_mul(REORDER_WINDOW_PER_SLOT),
         };
 
+        let mut headers = self.headers;
+        if !headers.contains_key(ACCEPT) {
+            headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        }
         let client = match self.client {
             Some(client) => client,
+            // A client of our own sends the headers by default: cheaper than copying
+            // them into every request, which a caller's client needs.
             None => reqwest::Client::builder()
                 .user_agent(USER_AGENT)
+                .default_headers(std::mem::take(&mut headers))
                 .build()
                 .map_err(|err| {
                     config("the default HTTP client could not be created").with_source(err)
                 })?,
         };
-        let mut headers = self.headers;
-        if !headers.contains_key(ACCEPT) {
-            headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-        }
 
         Ok(FanOut::from_shared(Arc::new(Shared {
             client,

@@ -39,6 +39,7 @@ pub struct FanOut<Id, T> {
 pub(crate) struct Shared {
     pub(crate) client: reqwest::Client,
     pub(crate) template: UrlTemplate,
+    /// Headers for every request that the client does not send by default.
     pub(crate) headers: HeaderMap,
     /// Per attempt.
     pub(crate) timeout: Duration,

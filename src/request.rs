@@ -29,7 +29,7 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
-    fn new(error: Error, transient: bool) -> Self {
+    pub(crate) fn new(error: Error, transient: bool) -> Self {
         Failure {
             error,
             headers: None,
@@ -89,11 +89,13 @@ pub(crate) fn decode<T: DeserializeOwned>(answer: Answer) -> Result<T, Failure> 
     decode_json(&answer.body).map_err(|message| answer.unusable(ErrorKind::Decode, message))
 }
 
-/// Sends one attempt for `url` and reads its body under the size cap.
+/// Sends one attempt for `url` and reads its body under the size cap. The caller
+/// bounds it in time.
 pub(crate) async fn send(shared: &Shared, url: Url) -> Result<Answer, Failure> {
     let mut request = reqwest::Request::new(Method::GET, url);
-    *request.headers_mut() = shared.headers.clone();
-    *request.timeout_mut() = Some(shared.timeout);
+    if !shared.headers.is_empty() {
+        *request.headers_mut() = shared.headers.clone();
+    }
 
     let mut response = shared.client.execute(request).await.map_err(|err| {
         // A redirect loop or a request reqwest refuses to build will not get better.

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use serde::de::DeserializeOwned;
 
+use super::driven::Driven;
 use super::engine::Core;
 use crate::error::Error;
 
@@ -18,7 +19,7 @@ use crate::error::Error;
 /// still running.
 #[must_use = "streams do nothing unless polled"]
 pub struct AsCompleted<Id, T> {
-    core: Core<Id, T>,
+    core: Driven<Id, T>,
 }
 
 impl<Id, T> AsCompleted<Id, T>
@@ -27,13 +28,15 @@ where
     T: DeserializeOwned + Send + 'static,
 {
     pub(crate) fn new(core: Core<Id, T>) -> Self {
-        AsCompleted { core }
+        AsCompleted {
+            core: Driven::new(core),
+        }
     }
 
     /// Why the ids' source failed, once the stream has ended; see
     /// [`Batch::try_as_completed`](crate::Batch::try_as_completed).
     pub(crate) fn take_input_error(&mut self) -> Option<Error> {
-        self.core.take_input_error()
+        self.core.lock().take_input_error()
     }
 }
 
@@ -47,12 +50,12 @@ where
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut()
             .core
-            .poll_done(cx, u64::MAX)
+            .poll_with(cx, |core, cx| core.poll_done(cx, u64::MAX))
             .map(|done| done.map(|done| (done.id, done.result)))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        self.core.size_hint()
+        self.core.lock().size_hint()
     }
 }
 

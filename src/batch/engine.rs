@@ -1,8 +1,15 @@
-//! The engine every output shares: admits ids as slots free up, runs one Tokio task
-//! per request, and hands back outcomes in completion order, tagged with their position.
+//! The engine every output shares: admits ids as slots free up, polls their requests,
+//! and hands back outcomes in completion order, tagged with their position.
+//!
+//! The requests are futures owned by the engine, not tasks of their own: whoever polls
+//! the engine drives them (see `driven.rs` for who that is while a stream's consumer is
+//! busy elsewhere).
 
+use std::any::Any;
+use std::collections::VecDeque;
 use std::fmt::{Display, Write as _};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,7 +18,7 @@ use futures::StreamExt;
 use futures::stream::{BoxStream, FuturesUnordered};
 use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
-use tokio::task::{JoinError, JoinHandle};
+use tokio::task::JoinError;
 
 use super::Sleepers;
 use crate::dedup::Seen;
@@ -31,22 +38,30 @@ pub(crate) struct Done<Id, T> {
     pub(crate) result: Result<T, Error>,
 }
 
-pub(crate) struct Core<Id, T> {
+/// What every request of one batch reads: the `FanOut`'s settings, and the count of
+/// the batch's ids asleep between retries. One `Arc` clone per request.
+struct Scope {
     shared: Arc<Shared>,
+    sleepers: Sleepers,
+}
+
+pub(crate) struct Core<Id, T> {
+    scope: Arc<Scope>,
     /// `None` once the input is exhausted (or failed).
     ids: Option<BoxStream<'static, Result<Id, Error>>>,
     /// Why the input ended early, if it failed (a list page that could not be read).
     input_error: Option<Error>,
     running: FuturesUnordered<Running<Id, T>>,
-    /// Which of the running ids are waiting out a retry delay.
-    sleepers: Arc<Sleepers>,
-    /// Most ids admitted at once, asleep or not.
+    /// Outcomes taken from `running` by [`drive`](Core::drive), not yet handed out.
+    finished: VecDeque<Done<Id, T>>,
+    /// Most ids admitted at once, asleep or not, finished or not, until handed out.
     max_admitted: usize,
     /// The ids admitted so far, when repeats are dropped.
     seen: Option<Seen>,
     next_seq: u64,
-    /// Looked up on first poll, so that building a batch needs no runtime.
-    runtime: Option<Result<Handle, ()>>,
+    /// Whether this runs inside a Tokio runtime, which the HTTP client needs. Looked up
+    /// on first poll, so that building a batch needs no runtime.
+    in_runtime: Option<bool>,
     /// Scratch space reused for every rendered URL.
     url_text: String,
     /// Set by outputs that end at the first error, so that an error frees no slot
@@ -63,15 +78,18 @@ where
         let max_admitted = shared.concurrency.saturating_mul(ADMITTED_PER_SLOT);
         let seen = shared.dedup_ids.then(Seen::default);
         Core {
-            shared,
+            scope: Arc::new(Scope {
+                shared,
+                sleepers: Sleepers::default(),
+            }),
             ids: Some(ids),
             input_error: None,
             running: FuturesUnordered::new(),
-            sleepers: Arc::new(Sleepers::default()),
+            finished: VecDeque::new(),
             max_admitted,
             seen,
             next_seq: 0,
-            runtime: None,
+            in_runtime: None,
             url_text: String::new(),
             stop_on_error: false,
         }
@@ -84,7 +102,7 @@ where
 
     /// The input's failure, once every outcome has been handed out.
     pub(crate) fn take_input_error(&mut self) -> Option<Error> {
-        if self.ids.is_none() && self.running.is_empty() {
+        if self.is_finished() {
             self.input_error.take()
         } else {
             None
@@ -98,7 +116,12 @@ where
     }
 
     pub(crate) fn shared(&self) -> &Shared {
-        &self.shared
+        &self.scope.shared
+    }
+
+    /// Every id admitted and its outcome handed out, and no more ids to come.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.ids.is_none() && self.running.is_empty() && self.finished.is_empty()
     }
 
     /// The next outcome to finish. New ids are admitted while fewer than `concurrency`
@@ -111,18 +134,33 @@ where
         admit_below: u64,
     ) -> Poll<Option<Done<Id, T>>> {
         self.admit(cx, admit_below);
+        let done = match self.finished.pop_front() {
+            Some(done) => done,
+            None => match self.running.poll_next_unpin(cx) {
+                Poll::Ready(Some(done)) => done,
+                Poll::Ready(None) if self.ids.is_none() => return Poll::Ready(None),
+                // Nothing running: the input is pending (its waker is registered) or
+                // the caller's window is full, which it resolves before polling again.
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            },
+        };
+        // Refill the freed slot now rather than on the consumer's next poll.
+        if !(self.stop_on_error && done.result.is_err()) {
+            self.admit(cx, admit_below);
+        }
+        Poll::Ready(Some(done))
+    }
+
+    /// Polls the requests that are ready to go on, without admitting new ids, and sets
+    /// aside the outcome of the first to finish. Returns whether one finished: `false`
+    /// means none is left to poll until a new wake-up.
+    pub(crate) fn drive_one(&mut self, cx: &mut Context<'_>) -> bool {
         match self.running.poll_next_unpin(cx) {
             Poll::Ready(Some(done)) => {
-                // Refill the freed slot now rather than on the consumer's next poll.
-                if !(self.stop_on_error && done.result.is_err()) {
-                    self.admit(cx, admit_below);
-                }
-                Poll::Ready(Some(done))
+                self.finished.push_back(done);
+                true
             }
-            Poll::Ready(None) if self.ids.is_none() => Poll::Ready(None),
-            // Nothing running: the input is pending (its waker is registered) or the
-            // caller's window is full, which it resolves before polling again.
-            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+            Poll::Ready(None) | Poll::Pending => false,
         }
     }
 
@@ -132,7 +170,7 @@ where
             .ids
             .as_ref()
             .map_or((0, Some(0)), |ids| ids.size_hint());
-        let running = self.running.len();
+        let running = self.running.len() + self.finished.len();
         // Repeats are dropped unseen: the input's lower bound no longer holds.
         let low = if self.seen.is_some() { 0 } else { low };
         (
@@ -144,12 +182,17 @@ where
     fn admit(&mut self, cx: &mut Context<'_>, admit_below: u64) {
         // Registered before counting, so that an id falling asleep after the count
         // wakes us to admit another.
-        self.sleepers.register(cx.waker());
-        while self.running.len() < self.max_admitted
-            && self.running.len() - self.sleepers.count().min(self.running.len())
-                < self.shared.concurrency
-            && self.next_seq < admit_below
-        {
+        self.scope.sleepers.register(cx.waker());
+        loop {
+            // Outcomes set aside count as running: they are not handed out yet.
+            let admitted = self.running.len() + self.finished.len();
+            let awake = admitted - self.scope.sleepers.count().min(self.running.len());
+            if admitted >= self.max_admitted
+                || awake >= self.scope.shared.concurrency
+                || self.next_seq >= admit_below
+            {
+                return;
+            }
             let Some(ids) = self.ids.as_mut() else { return };
             let id = match ids.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(id))) => id,
@@ -191,27 +234,28 @@ where
         }
     }
 
-    /// Renders the id's URL and spawns its request, or returns why it cannot run.
+    /// Renders the id's URL and makes its request, or returns why it cannot run.
     fn start(&mut self, id_text: String) -> State<T> {
-        let runtime = match self
-            .runtime
-            .get_or_insert_with(|| Handle::try_current().map_err(drop))
+        if !*self
+            .in_runtime
+            .get_or_insert_with(|| Handle::try_current().is_ok())
         {
-            Ok(runtime) => runtime,
-            Err(()) => {
-                return State::Decided(Some(Error::new(
-                    ErrorKind::Runtime,
-                    "fanout's batches must be polled inside a Tokio runtime",
-                )));
-            }
-        };
-        match self.shared.template.render(&id_text, &mut self.url_text) {
+            return State::Decided(Some(Error::new(
+                ErrorKind::Runtime,
+                "fanout's batches must be polled inside a Tokio runtime",
+            )));
+        }
+        match self
+            .scope
+            .shared
+            .template
+            .render(&id_text, &mut self.url_text)
+        {
             Ok(url) => {
-                let shared = Arc::clone(&self.shared);
-                let sleepers = Arc::clone(&self.sleepers);
-                State::Task(
-                    runtime.spawn(async move { fetch(&shared, id_text, url, &sleepers).await }),
-                )
+                let scope = Arc::clone(&self.scope);
+                State::Request(Box::pin(async move {
+                    fetch(&scope.shared, id_text, url, &scope.sleepers).await
+                }))
             }
             Err(err) => State::Decided(Some(err.with_id_text(id_text))),
         }
@@ -232,20 +276,23 @@ impl<Id, T> Drop for Core<Id, T> {
     }
 }
 
-/// One admitted id: its running task, or an outcome decided without sending anything.
+/// One admitted id: its request, or an outcome decided without sending anything.
+/// Dropping it cancels the request.
 struct Running<Id, T> {
     seq: u64,
     id: Option<Id>,
     state: State<T>,
 }
 
+type Request<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
+
 enum State<T> {
-    Task(JoinHandle<Result<T, Error>>),
-    /// Decided without a task (nothing sent), or the task's outcome already taken.
+    Request(Request<T>),
+    /// Decided without a request (nothing sent), or the request's outcome already taken.
     Decided(Option<Error>),
 }
 
-// No field is structurally pinned: the `JoinHandle` is `Unpin`, and `id` is only moved out.
+// No field is structurally pinned: the request is boxed, and `id` is only moved out.
 impl<Id, T> Unpin for Running<Id, T> {}
 
 impl<Id: Display, T> Future for Running<Id, T> {
@@ -253,13 +300,17 @@ impl<Id: Display, T> Future for Running<Id, T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let result = match &mut self.state {
-            State::Task(handle) => {
-                let Poll::Ready(joined) = Pin::new(handle).poll(cx) else {
-                    return Poll::Pending;
+            State::Request(request) => {
+                // A panic in a request (in `T`'s `Deserialize`, say) fails that id alone.
+                let result = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    request.as_mut().poll(cx)
+                })) {
+                    Ok(Poll::Pending) => return Poll::Pending,
+                    Ok(Poll::Ready(result)) => result,
+                    Err(payload) => Err(panic_error(payload)),
                 };
-                // The task is over: nothing left for `Drop` to abort.
                 self.state = State::Decided(None);
-                joined.unwrap_or_else(|err| Err(join_failure(err)))
+                result
             }
             State::Decided(err) => Err(err
                 .take()
@@ -282,28 +333,23 @@ impl<Id: Display, T> Future for Running<Id, T> {
     }
 }
 
-impl<Id, T> Drop for Running<Id, T> {
-    fn drop(&mut self) {
-        // Dropping a batch or its stream cancels the requests still on the wire.
-        if let State::Task(handle) = &self.state {
-            handle.abort();
-        }
-    }
-}
-
+/// The error for a task that did not finish: it panicked, or its runtime shut down.
 pub(crate) fn join_failure(err: JoinError) -> Error {
     if err.is_panic() {
-        let payload = err.into_panic();
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic with a non-string payload".to_owned());
-        Error::new(ErrorKind::Panic, message)
+        panic_error(err.into_panic())
     } else {
         Error::new(
             ErrorKind::Runtime,
             "the Tokio runtime shut down before the request finished",
         )
     }
+}
+
+fn panic_error(payload: Box<dyn Any + Send>) -> Error {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a non-string payload".to_owned());
+    Error::new(ErrorKind::Panic, message)
 }

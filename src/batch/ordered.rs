@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use serde::de::DeserializeOwned;
 
+use super::driven::Driven;
 use super::engine::{Core, Done};
 use super::reorder::Reorder;
 use crate::error::Error;
@@ -22,7 +23,7 @@ use crate::error::Error;
 /// requests still running.
 #[must_use = "streams do nothing unless polled"]
 pub struct InOrder<Id, T> {
-    core: Core<Id, T>,
+    core: Driven<Id, T>,
     reorder: Reorder<(Id, Result<T, Error>)>,
     window: u64,
     ended: bool,
@@ -39,7 +40,7 @@ where
     pub(crate) fn new(core: Core<Id, T>) -> Self {
         let window = u64::try_from(core.shared().reorder_window).unwrap_or(u64::MAX);
         InOrder {
-            core,
+            core: Driven::new(core),
             reorder: Reorder::new(),
             window,
             ended: false,
@@ -50,7 +51,7 @@ where
     /// [`Batch::try_in_order`](crate::Batch::try_in_order).
     pub(crate) fn take_input_error(&mut self) -> Option<Error> {
         if self.ended {
-            self.core.take_input_error()
+            self.core.lock().take_input_error()
         } else {
             None
         }
@@ -66,26 +67,33 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        loop {
-            if let Some(item) = this.reorder.pop() {
-                return Poll::Ready(Some(item));
-            }
-            let admit_below = this.reorder.head().saturating_add(this.window);
-            match this.core.poll_done(cx, admit_below) {
-                Poll::Ready(Some(Done { seq, id, result })) => {
-                    this.reorder.insert(seq, (id, result));
-                }
-                Poll::Ready(None) => {
-                    this.ended = true;
-                    return Poll::Ready(None);
-                }
-                Poll::Pending => return Poll::Pending,
-            }
+        if let Some(item) = this.reorder.pop() {
+            return Poll::Ready(Some(item));
         }
+        let (reorder, window) = (&mut this.reorder, this.window);
+        let polled = this.core.poll_with(cx, |core, cx| {
+            loop {
+                let admit_below = reorder.head().saturating_add(window);
+                match core.poll_done(cx, admit_below) {
+                    Poll::Ready(Some(Done { seq, id, result })) => {
+                        reorder.insert(seq, (id, result));
+                        if let Some(item) = reorder.pop() {
+                            return Poll::Ready(Some(item));
+                        }
+                    }
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        });
+        if let Poll::Ready(None) = polled {
+            this.ended = true;
+        }
+        polled
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        self.core.size_hint()
+        self.core.lock().size_hint()
     }
 }
 

@@ -76,16 +76,25 @@ async fn attempts<T>(
             // A deadline too far ahead to represent is no deadline.
             deadline = shared.deadline.and_then(|limit| first.checked_add(limit));
         }
-        let result = match deadline {
-            None => send(shared, url.clone()).await.and_then(&mut read),
+        // The attempt ends at its timeout or the id's deadline, whichever is first. A
+        // limit too far ahead to represent is no limit.
+        let attempt_end = Instant::now().checked_add(shared.timeout);
+        let end = match (attempt_end, deadline) {
+            (Some(attempt_end), Some(deadline)) => Some(attempt_end.min(deadline)),
+            (attempt_end, deadline) => attempt_end.or(deadline),
+        };
+        let result = match end {
+            None => send(shared, url.clone()).await,
             Some(at) => match timeout_at(at, send(shared, url.clone())).await {
-                Ok(result) => result.and_then(&mut read),
-                Err(_) => {
+                Ok(result) => result,
+                Err(_) if deadline.is_some_and(|deadline| deadline <= at) => {
                     let when = format!("passed during attempt {made}");
                     return Err(past_deadline(shared, url, made, &when, last));
                 }
+                Err(_) => Err(timed_out(shared, &url)),
             },
-        };
+        }
+        .and_then(&mut read);
         drop(slot);
 
         let failure = match result {
@@ -180,6 +189,18 @@ fn past_deadline(shared: &Shared, url: Url, made: u32, when: &str, last: Option<
         Some(last) => error.with_source(last),
         None => error,
     }
+}
+
+/// An attempt that got no complete answer within the timeout; another may.
+fn timed_out(shared: &Shared, url: &Url) -> Failure {
+    let message = format!(
+        "no complete response within the timeout ({})",
+        seconds(shared.timeout)
+    );
+    Failure::new(
+        Error::request(ErrorKind::Timeout, url.clone(), message),
+        true,
+    )
 }
 
 /// `1.5 s`, `60 s`: what a person reads in an error message.
