@@ -20,10 +20,12 @@
 //!
 //! A wake-up that arrives while the consumer is polling may be one it does not act on
 //! before it leaves; the switch remembers it and hands it to the keeper as the consumer
-//! leaves. The core sits behind a mutex that both only `try_lock`: whoever finds it
-//! taken tries again right after, so neither ever blocks a thread.
+//! leaves. The core sits behind a mutex that both only `try_lock`, so neither ever
+//! blocks a thread: a keeper that finds it taken has nothing to do (the consumer is
+//! polling); a consumer that finds it taken waits, and the keeper stops as soon as it
+//! sees the consumer back and wakes it as it lets go.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::task::{Context, Poll};
 
@@ -109,14 +111,15 @@ where
         if !self.keeper_started {
             self.start_keeper();
         }
+        // Pairs with the keeper's fence between unlocking and reading the state: either
+        // this `try_lock` succeeds or the keeper sees `PRESENT` and wakes us.
+        fence(Ordering::SeqCst);
         let mut core = match self.core.try_lock() {
             Ok(core) => core,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                // The keeper is setting outcomes aside; look again right after.
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
+            // The keeper is setting outcomes aside. It stops as it sees us back, and
+            // wakes us as it lets go.
+            Err(TryLockError::WouldBlock) => return Poll::Pending,
         };
         let waker = waker_ref(&self.switch);
         let mut cx = Context::from_waker(&waker);
@@ -186,11 +189,16 @@ where
     if core.is_finished() {
         return Poll::Ready(());
     }
-    // A consumer that is back polls the requests itself.
-    if switch.state.load(Ordering::SeqCst) == AWAY {
-        let waker = waker_ref(switch);
-        let mut cx = Context::from_waker(&waker);
-        while core.drive_one(&mut cx) {}
+    let waker = waker_ref(switch);
+    let mut cx = Context::from_waker(&waker);
+    // Only while the consumer is away: one that is back polls the requests itself.
+    while switch.state.load(Ordering::SeqCst) == AWAY && core.drive_one(&mut cx) {}
+    drop(core);
+    // A consumer that came back while we held the core found it taken and waits for
+    // this wake-up.
+    fence(Ordering::SeqCst);
+    if switch.state.load(Ordering::SeqCst) != AWAY {
+        switch.consumer.wake();
     }
     Poll::Pending
 }
