@@ -1,6 +1,7 @@
 //! The token bucket every attempt passes before it is sent.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The token bucket `fanout` uses: governor's direct (unkeyed) GCRA limiter on its
 /// default clock.
@@ -23,11 +24,15 @@ pub type RateLimiter = governor::DefaultDirectRateLimiter;
 ///
 /// Attempts of one `FanOut` (all its clones and batches) wait their turn in a FIFO
 /// queue, and only the head of the queue sleeps on the limiter. `FanOut`s sharing a
-/// limiter have a queue each, whose heads take turns at the limiter. Without the queue every waiting attempt would wake at the same instant
-/// for each token and all but one would go back to sleep.
+/// limiter have a queue each, whose heads take turns at the limiter. Without the queue
+/// every waiting attempt would wake at the same instant for each token and all but one
+/// would go back to sleep. While nobody waits, an attempt takes its token with two
+/// atomic operations and never touches the queue.
 pub(crate) struct Throttle {
     limiter: Arc<RateLimiter>,
     queue: tokio::sync::Mutex<()>,
+    /// How many attempts are in the queue (waiting for it or at its head).
+    queued: AtomicUsize,
 }
 
 impl Throttle {
@@ -35,22 +40,34 @@ impl Throttle {
         Throttle {
             limiter,
             queue: tokio::sync::Mutex::new(()),
+            queued: AtomicUsize::new(0),
         }
     }
 
     /// Waits until a token is available and takes it.
     pub(crate) async fn take(&self) {
-        // Fast path: a free token and nobody queued before us.
-        if let Ok(_turn) = self.queue.try_lock()
-            && self.limiter.check().is_ok()
-        {
+        // Fast path, two atomic operations: nobody queued and a token free. (One that
+        // joins the queue just now may lose a token to this attempt; the queue orders
+        // the waiting, it is not a ticket system.)
+        if self.queued.load(Ordering::Acquire) == 0 && self.limiter.check().is_ok() {
             return;
         }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        let _queued = Queued(&self.queued);
         // The guard is held across the wait on purpose: it is the queue.
         let _turn = self.queue.lock().await;
         // governor's own wait sleeps on a timer with sub-millisecond precision; Tokio's
         // millisecond ticks would waste part of every interval at high rates with a
         // small burst.
         self.limiter.until_ready().await;
+    }
+}
+
+/// Leaves the queue count when the attempt got its token, or was cancelled waiting.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
