@@ -27,9 +27,10 @@ use crate::fanout::Shared;
 /// The requests for one set of ids, made by [`FanOut::fan_out`](crate::FanOut::fan_out).
 ///
 /// A batch is lazy: nothing is sent until it is consumed by one of its four outputs.
-/// All four run the same engine (at most `concurrency` requests on the wire, each in its
-/// own Tokio task so it progresses while the consumer is busy, ids pulled only as slots
-/// free up) and give every id exactly one outcome. Dropping the batch, the stream made
+/// All four run the same engine (at most `concurrency` requests on the wire, ids pulled
+/// only as slots free up; the streams' requests keep going while the consumer is busy
+/// elsewhere, driven by a background task until it is back) and give every id exactly
+/// one outcome. Dropping the batch, the stream made
 /// from it, or the future of a collecting output cancels the requests still running.
 ///
 /// | output | order | memory | on failure |

@@ -182,10 +182,6 @@ impl Error {
         self
     }
 
-    pub(crate) fn with_id(self, id: &impl fmt::Display) -> Self {
-        self.with_id_text(id.to_string())
-    }
-
     pub(crate) fn with_id_text(mut self, id: String) -> Self {
         self.inner.id = Some(id);
         self
@@ -363,7 +359,7 @@ mod tests {
         let err = Error::request(ErrorKind::Status, url, "")
             .with_status(StatusCode::NOT_FOUND)
             .with_body(br#"{"error":"no such item"}"#)
-            .with_id(&7);
+            .with_id_text("7".to_owned());
         assert_eq!(
             err.to_string(),
             r#"unsuccessful HTTP status 404 Not Found from http://127.0.0.1:1/items/7 (id "7"); body starts: "{\"error\":\"no such item\"}""#

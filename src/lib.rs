@@ -4,8 +4,8 @@
 //!
 //! `fanout` replaces the hand-rolled `asyncio.gather` + semaphore loop (or its Rust
 //! twin, `buffer_unordered`) with one that gets the details right: ids are pulled
-//! lazily so memory stays flat however many there are; every request runs in its own
-//! Tokio task and is cancelled when the results are dropped; ids are percent-encoded so
+//! lazily so memory stays flat however many there are; requests keep going while the
+//! consumer is busy and are cancelled when the results are dropped; ids are percent-encoded so
 //! no id can change the URL; bodies are read under a size cap; and every id ends in
 //! exactly one outcome.
 //!

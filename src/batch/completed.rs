@@ -36,7 +36,7 @@ where
     /// Why the ids' source failed, once the stream has ended; see
     /// [`Batch::try_as_completed`](crate::Batch::try_as_completed).
     pub(crate) fn take_input_error(&mut self) -> Option<Error> {
-        self.core.lock().take_input_error()
+        self.core.look(|core| core.take_input_error())
     }
 }
 
@@ -55,7 +55,7 @@ where
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        self.core.lock().size_hint()
+        self.core.peek(|core| core.size_hint()).unwrap_or((0, None))
     }
 }
 

@@ -18,26 +18,38 @@
 //!   and polls the requests, setting aside the outcomes of those that finish. It admits
 //!   no new ids, so what it sets aside is bounded by the batch's admission limit.
 //!
-//! A wake-up that arrives while the consumer is polling may be one it does not act on
-//! before it leaves; the switch remembers it and hands it to the keeper as the consumer
-//! leaves. The core sits behind a mutex that both only `try_lock`, so neither ever
-//! blocks a thread: a keeper that finds it taken has nothing to do (the consumer is
-//! polling); a consumer that finds it taken waits, and the keeper stops as soon as it
-//! sees the consumer back and wakes it as it lets go.
-
-use std::sync::atomic::{AtomicU8, Ordering, fence};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
-use std::task::{Context, Poll};
+//! Leaving, the consumer first moves on every request that is ready; a wake-up that
+//! arrives after that is handed to the keeper. A consumer can also stop polling after
+//! being told to wait (`select!`, a timeout around `next()`, `ready_chunks`): the
+//! keeper's tick notices one that was woken and has not polled for a whole tick, and
+//! takes over as if it had left.
+//!
+//! The engine is behind a lock that both sides only try: neither ever blocks a thread.
+//! A keeper that finds it taken has nothing to do (the consumer is polling). A consumer
+//! that finds it taken waits; the keeper stops as soon as it sees the consumer back, and
+//! wakes it as it lets go. The lock's flag and the switch's state are sequentially
+//! consistent atomics, so of a consumer arriving (state, then flag) and a keeper letting
+//! go (flag, then state), at least one sees the other.
 
 use std::fmt::Display;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::task::{ArcWake, AtomicWaker, waker_ref};
 use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
+use tokio::time::{Interval, MissedTickBehavior};
 
 use super::engine::Core;
 
-/// The consumer has taken an outcome and not yet asked for the next.
+/// How often the keeper looks for a consumer that was woken and has not polled since.
+const TICK: Duration = Duration::from_millis(10);
+
+/// The consumer has taken an outcome and not yet asked for the next (or stopped
+/// polling, as far as the keeper can tell).
 const AWAY: u8 = 0;
 /// The consumer is polling, or waiting to be woken.
 const PRESENT: u8 = 1;
@@ -49,24 +61,26 @@ const CLOSED: u8 = 3;
 /// Routes the batch's wake-ups to the consumer or to the keeper.
 struct Switch {
     state: AtomicU8,
+    /// Polls of the consumer so far, for the keeper's tick.
+    polls: AtomicU64,
     consumer: AtomicWaker,
     keeper: AtomicWaker,
 }
 
 impl ArcWake for Switch {
     fn wake_by_ref(switch: &Arc<Self>) {
-        let mut state = switch.state.load(Ordering::SeqCst);
+        let mut state = switch.state.load(SeqCst);
         loop {
             match state {
-                PRESENT => match switch.state.compare_exchange(
-                    PRESENT,
-                    PRESENT_WOKEN,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                ) {
-                    Ok(_) => return switch.consumer.wake(),
-                    Err(now) => state = now,
-                },
+                PRESENT => {
+                    match switch
+                        .state
+                        .compare_exchange(PRESENT, PRESENT_WOKEN, SeqCst, SeqCst)
+                    {
+                        Ok(_) => return switch.consumer.wake(),
+                        Err(now) => state = now,
+                    }
+                }
                 PRESENT_WOKEN => return switch.consumer.wake(),
                 AWAY => return switch.keeper.wake(),
                 _ => return,
@@ -75,9 +89,59 @@ impl ArcWake for Switch {
     }
 }
 
+/// The engine, behind a lock that is only ever tried.
+struct Shared<Id, T> {
+    busy: AtomicBool,
+    core: Mutex<Core<Id, T>>,
+}
+
+impl<Id, T> Shared<Id, T> {
+    fn try_lock(&self) -> Option<Held<'_, Id, T>> {
+        if self.busy.swap(true, SeqCst) {
+            return None;
+        }
+        // Uncontended: whoever set `busy` is the only one to lock. A panic while a
+        // request was polled is caught where it is polled; one elsewhere (an id's
+        // `Display`) leaves the engine usable.
+        let core = self.core.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(Held {
+            core,
+            busy: &self.busy,
+        })
+    }
+}
+
+/// The engine while held; letting go clears the flag. (The mutex itself is released
+/// a moment later, as the guard field drops: one who sets the flag in between waits
+/// that moment in `lock`.)
+struct Held<'a, Id, T> {
+    core: MutexGuard<'a, Core<Id, T>>,
+    busy: &'a AtomicBool,
+}
+
+impl<Id, T> Deref for Held<'_, Id, T> {
+    type Target = Core<Id, T>;
+
+    fn deref(&self) -> &Core<Id, T> {
+        &self.core
+    }
+}
+
+impl<Id, T> DerefMut for Held<'_, Id, T> {
+    fn deref_mut(&mut self) -> &mut Core<Id, T> {
+        &mut self.core
+    }
+}
+
+impl<Id, T> Drop for Held<'_, Id, T> {
+    fn drop(&mut self) {
+        self.busy.store(false, SeqCst);
+    }
+}
+
 /// A batch's engine, polled by a stream's consumer and, while it is away, by the keeper.
 pub(crate) struct Driven<Id, T> {
-    core: Arc<Mutex<Core<Id, T>>>,
+    shared: Arc<Shared<Id, T>>,
     switch: Arc<Switch>,
     keeper_started: bool,
 }
@@ -89,9 +153,13 @@ where
 {
     pub(crate) fn new(core: Core<Id, T>) -> Self {
         Driven {
-            core: Arc::new(Mutex::new(core)),
+            shared: Arc::new(Shared {
+                busy: AtomicBool::new(false),
+                core: Mutex::new(core),
+            }),
             switch: Arc::new(Switch {
                 state: AtomicU8::new(AWAY),
+                polls: AtomicU64::new(0),
                 consumer: AtomicWaker::new(),
                 keeper: AtomicWaker::new(),
             }),
@@ -106,22 +174,20 @@ where
         cx: &mut Context<'_>,
         poll: impl FnOnce(&mut Core<Id, T>, &mut Context<'_>) -> Poll<R>,
     ) -> Poll<R> {
-        self.switch.consumer.register(cx.waker());
-        self.switch.state.store(PRESENT, Ordering::SeqCst);
+        let switch = &self.switch;
+        switch.consumer.register(cx.waker());
+        switch.polls.fetch_add(1, SeqCst);
+        switch.state.store(PRESENT, SeqCst);
         if !self.keeper_started {
-            self.start_keeper();
+            self.keeper_started = true;
+            start_keeper(&self.shared, switch);
         }
-        // Pairs with the keeper's fence between unlocking and reading the state: either
-        // this `try_lock` succeeds or the keeper sees `PRESENT` and wakes us.
-        fence(Ordering::SeqCst);
-        let mut core = match self.core.try_lock() {
-            Ok(core) => core,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            // The keeper is setting outcomes aside. It stops as it sees us back, and
-            // wakes us as it lets go.
-            Err(TryLockError::WouldBlock) => return Poll::Pending,
+        // The keeper is setting outcomes aside. It stops as it sees us back, and wakes
+        // us as it lets go.
+        let Some(mut core) = self.shared.try_lock() else {
+            return Poll::Pending;
         };
-        let waker = waker_ref(&self.switch);
+        let waker = waker_ref(switch);
         let mut cx = Context::from_waker(&waker);
         let polled = poll(&mut core, &mut cx);
         if polled.is_pending() {
@@ -132,80 +198,140 @@ where
         // move them on now. Each pass forgets the wake-ups before it, whose requests it
         // polls; one that comes after the last pass began is left to the keeper.
         loop {
-            self.switch.state.store(PRESENT, Ordering::SeqCst);
+            switch.state.store(PRESENT, SeqCst);
             if !core.drive_one(&mut cx) {
                 break;
             }
         }
         drop(core);
-        if self.switch.state.swap(AWAY, Ordering::SeqCst) == PRESENT_WOKEN {
-            self.switch.keeper.wake();
+        if switch.state.swap(AWAY, SeqCst) == PRESENT_WOKEN {
+            switch.keeper.wake();
         }
         polled
     }
 
-    /// The core, for a quick look outside a poll (`size_hint`, the input's error).
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Core<Id, T>> {
-        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+    /// A look at the core outside a poll (a size hint); `None` if the keeper holds it
+    /// this instant.
+    pub(crate) fn peek<R>(&self, look: impl FnOnce(&mut Core<Id, T>) -> R) -> Option<R> {
+        let mut core = self.shared.try_lock()?;
+        let seen = look(&mut core);
+        drop(core);
+        // A keeper woken while we held the core found it taken and did nothing.
+        if self.switch.state.load(SeqCst) == AWAY {
+            self.switch.keeper.wake();
+        }
+        Some(seen)
     }
 
-    fn start_keeper(&mut self) {
-        self.keeper_started = true;
-        // Outside a runtime the core fails every id without sending anything.
-        if let Ok(runtime) = Handle::try_current() {
-            let core = Arc::downgrade(&self.core);
-            let switch = Arc::clone(&self.switch);
-            runtime.spawn(std::future::poll_fn(move |cx| keep(&core, &switch, cx)));
+    /// Like [`peek`](Self::peek), but waits out the keeper, which never holds the core
+    /// for longer than it takes to poll the requests that are ready.
+    pub(crate) fn look<R>(&self, mut look: impl FnMut(&mut Core<Id, T>) -> R) -> R {
+        loop {
+            if let Some(seen) = self.peek(&mut look) {
+                return seen;
+            }
+            std::thread::yield_now();
         }
     }
 }
 
-/// One turn of the keeper: while the consumer is away, poll the requests it was woken
-/// for. Ends when the stream is dropped or done.
-fn keep<Id, T>(
-    core: &Weak<Mutex<Core<Id, T>>>,
-    switch: &Arc<Switch>,
-    cx: &mut Context<'_>,
-) -> Poll<()>
+fn start_keeper<Id, T>(shared: &Arc<Shared<Id, T>>, switch: &Arc<Switch>)
 where
     Id: Display + Send + 'static,
     T: DeserializeOwned + Send + 'static,
 {
-    switch.keeper.register(cx.waker());
-    if switch.state.load(Ordering::SeqCst) == CLOSED {
-        return Poll::Ready(());
-    }
-    let Some(core) = core.upgrade() else {
-        return Poll::Ready(());
+    // Outside a runtime the core fails every id without sending anything.
+    let Ok(runtime) = Handle::try_current() else {
+        return;
     };
-    let mut core = match core.try_lock() {
-        Ok(core) => core,
-        // The consumer panicked while polling: the stream is of no more use.
-        Err(TryLockError::Poisoned(_)) => return Poll::Ready(()),
+    let mut keeper = Keeper {
+        shared: Arc::downgrade(shared),
+        switch: Arc::clone(switch),
+        tick: None,
+        polls_at_tick: 0,
+        woken_at_tick: false,
+    };
+    runtime.spawn(std::future::poll_fn(move |cx| keeper.turn(cx)));
+}
+
+/// The background task that polls a stream's requests while its consumer is away.
+struct Keeper<Id, T> {
+    shared: Weak<Shared<Id, T>>,
+    switch: Arc<Switch>,
+    /// Made on the first turn, inside the runtime.
+    tick: Option<Interval>,
+    /// The consumer's poll count at the last tick, and whether it had been woken.
+    polls_at_tick: u64,
+    woken_at_tick: bool,
+}
+
+impl<Id, T> Keeper<Id, T>
+where
+    Id: Display + Send + 'static,
+    T: DeserializeOwned + Send + 'static,
+{
+    /// One turn: take over from a consumer that stopped polling, then poll the requests
+    /// while the consumer is away. Ends when the stream is dropped or done.
+    fn turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let switch = &*self.switch;
+        switch.keeper.register(cx.waker());
+        if switch.state.load(SeqCst) == CLOSED {
+            return Poll::Ready(());
+        }
+        let tick = self.tick.get_or_insert_with(|| {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            tick
+        });
+        while tick.poll_tick(cx).is_ready() {
+            let polls = switch.polls.load(SeqCst);
+            let woken = switch.state.load(SeqCst) == PRESENT_WOKEN;
+            // Woken at the last tick already, and no poll since: it stopped polling
+            // (it waits on something else, `select!`-style). Treat it as away until it
+            // is back.
+            if woken && self.woken_at_tick && polls == self.polls_at_tick {
+                let _ = switch
+                    .state
+                    .compare_exchange(PRESENT_WOKEN, AWAY, SeqCst, SeqCst);
+            }
+            self.polls_at_tick = polls;
+            self.woken_at_tick = woken;
+        }
+        if switch.state.load(SeqCst) != AWAY {
+            return Poll::Pending;
+        }
+        let Some(shared) = self.shared.upgrade() else {
+            return Poll::Ready(());
+        };
         // The consumer is polling: it polls every request that is ready, and hands
         // over any wake-up it leaves behind.
-        Err(TryLockError::WouldBlock) => return Poll::Pending,
-    };
-    if core.is_finished() {
-        return Poll::Ready(());
+        let Some(mut core) = shared.try_lock() else {
+            return Poll::Pending;
+        };
+        let finished = core.is_finished();
+        if !finished {
+            let waker = waker_ref(&self.switch);
+            let mut cx = Context::from_waker(&waker);
+            // Only while the consumer is away: one that is back polls the requests itself.
+            while switch.state.load(SeqCst) == AWAY && core.drive_one(&mut cx) {}
+        }
+        drop(core);
+        // A consumer that came back while we held the core found it taken and waits
+        // for this wake-up.
+        if switch.state.load(SeqCst) != AWAY {
+            switch.consumer.wake();
+        }
+        if finished {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
-    let waker = waker_ref(switch);
-    let mut cx = Context::from_waker(&waker);
-    // Only while the consumer is away: one that is back polls the requests itself.
-    while switch.state.load(Ordering::SeqCst) == AWAY && core.drive_one(&mut cx) {}
-    drop(core);
-    // A consumer that came back while we held the core found it taken and waits for
-    // this wake-up.
-    fence(Ordering::SeqCst);
-    if switch.state.load(Ordering::SeqCst) != AWAY {
-        switch.consumer.wake();
-    }
-    Poll::Pending
 }
 
 impl<Id, T> Drop for Driven<Id, T> {
     fn drop(&mut self) {
-        self.switch.state.store(CLOSED, Ordering::SeqCst);
+        self.switch.state.store(CLOSED, SeqCst);
         self.switch.keeper.wake();
     }
 }

@@ -240,10 +240,13 @@ where
             .in_runtime
             .get_or_insert_with(|| Handle::try_current().is_ok())
         {
-            return State::Decided(Some(Error::new(
-                ErrorKind::Runtime,
-                "fanout's batches must be polled inside a Tokio runtime",
-            )));
+            return State::Decided(Some(
+                Error::new(
+                    ErrorKind::Runtime,
+                    "fanout's batches must be polled inside a Tokio runtime",
+                )
+                .with_id_text(id_text),
+            ));
         }
         match self
             .scope
@@ -321,12 +324,20 @@ impl<Id: Display, T> Future for Running<Id, T> {
             // FuturesUnordered never polls a future again after it completed.
             return Poll::Pending;
         };
-        // Errors from the task and from rendering name their id already.
+        // Errors from the request and from rendering name their id already. Naming it
+        // here (a panic in the request, an id whose `Display` failed) runs the id's
+        // `Display`, perhaps in the keeper: a panic there leaves the error unnamed.
         let result = result.map_err(|err| {
-            if err.id().is_none() {
-                err.with_id(&id)
-            } else {
-                err
+            if err.id().is_some() {
+                return err;
+            }
+            let text = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let mut text = String::new();
+                write!(text, "{id}").ok().map(|()| text)
+            }));
+            match text {
+                Ok(Some(text)) => err.with_id_text(text),
+                Ok(None) | Err(_) => err,
             }
         });
         Poll::Ready(Done { seq, id, result })

@@ -51,7 +51,7 @@ where
     /// [`Batch::try_in_order`](crate::Batch::try_in_order).
     pub(crate) fn take_input_error(&mut self) -> Option<Error> {
         if self.ended {
-            self.core.lock().take_input_error()
+            self.core.look(|core| core.take_input_error())
         } else {
             None
         }
@@ -93,7 +93,7 @@ where
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        self.core.lock().size_hint()
+        self.core.peek(|core| core.size_hint()).unwrap_or((0, None))
     }
 }
 

@@ -71,14 +71,15 @@ async fn attempts<T>(
             },
         };
         made = made.saturating_add(1);
-        let first = *first_sent.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        let first = *first_sent.get_or_insert(now);
         if deadline.is_none() {
             // A deadline too far ahead to represent is no deadline.
             deadline = shared.deadline.and_then(|limit| first.checked_add(limit));
         }
         // The attempt ends at its timeout or the id's deadline, whichever is first. A
         // limit too far ahead to represent is no limit.
-        let attempt_end = Instant::now().checked_add(shared.timeout);
+        let attempt_end = now.checked_add(shared.timeout);
         let end = match (attempt_end, deadline) {
             (Some(attempt_end), Some(deadline)) => Some(attempt_end.min(deadline)),
             (attempt_end, deadline) => attempt_end.or(deadline),
