@@ -44,14 +44,15 @@ impl Throttle {
         }
     }
 
-    /// Waits until a token is available and takes it.
-    pub(crate) async fn take(&self) {
-        // Fast path, two atomic operations: nobody queued and a token free. (One that
-        // joins the queue just now may lose a token to this attempt; the queue orders
-        // the waiting, it is not a ticket system.)
-        if self.queued.load(Ordering::Acquire) == 0 && self.limiter.check().is_ok() {
-            return;
-        }
+    /// Takes a token if one is free and nobody is queued for one: two atomic
+    /// operations. (One that joins the queue just now may lose a token to this
+    /// attempt; the queue orders the waiting, it is not a ticket system.)
+    pub(crate) fn try_take(&self) -> bool {
+        self.queued.load(Ordering::Acquire) == 0 && self.limiter.check().is_ok()
+    }
+
+    /// Queues for a token, waits until it is available and takes it.
+    pub(crate) async fn wait(&self) {
         self.queued.fetch_add(1, Ordering::AcqRel);
         let _queued = Queued(&self.queued);
         // The guard is held across the wait on purpose: it is the queue.

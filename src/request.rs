@@ -48,8 +48,12 @@ pub(crate) async fn ready(shared: &Shared) -> Result<SemaphorePermit<'_>, Error>
         .acquire()
         .await
         .map_err(|_| Error::new(ErrorKind::Runtime, "the concurrency limiter was closed"))?;
-    if let Some(throttle) = &shared.throttle {
-        throttle.take().await;
+    if let Some(throttle) = &shared.throttle
+        && !throttle.try_take()
+    {
+        // Boxed: the wait is rare, and every request's future would otherwise have
+        // room for it.
+        Box::pin(throttle.wait()).await;
     }
     Ok(slot)
 }

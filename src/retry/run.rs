@@ -3,6 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use backon::ExponentialBackoff;
 use serde::de::DeserializeOwned;
 use tokio::time::{Instant, timeout_at};
 use url::Url;
@@ -46,20 +47,21 @@ async fn attempts<T>(
     sleepers: &Sleepers,
     mut read: impl FnMut(Answer) -> Result<T, Failure>,
 ) -> Result<T, Error> {
-    let policy = &shared.retry;
     let mut made: u32 = 0;
     // Both clocks start when the first attempt is sent, not when the id was admitted:
     // time spent waiting for a slot or a rate-limit token is not the server's fault.
     let mut first_sent = None;
     let mut deadline = None;
-    let mut delays = None;
+    // Made at the first retry; boxed, as most ids never need it.
+    let mut delays: Option<Box<ExponentialBackoff>> = None;
     // The previous attempt's failure, for the message if the deadline ends the id.
     let mut last: Option<Error> = None;
 
     loop {
         let slot = match deadline {
             None => ready(shared).await?,
-            Some(at) => match timeout_at(at, ready(shared)).await {
+            // Boxed: only ids with a deadline need room for its timer here.
+            Some(at) => match timeout_at(at, Box::pin(ready(shared))).await {
                 Ok(slot) => slot?,
                 Err(_) => {
                     let when = format!(
@@ -84,9 +86,12 @@ async fn attempts<T>(
             (Some(attempt_end), Some(deadline)) => Some(attempt_end.min(deadline)),
             (attempt_end, deadline) => attempt_end.or(deadline),
         };
+        // Boxed: the attempt is most of an id's state, and both halves are then small
+        // enough for the allocator's per-thread cache, which one large box is not.
+        let sending = Box::pin(send(shared, url.clone()));
         let result = match end {
-            None => send(shared, url.clone()).await,
-            Some(at) => match timeout_at(at, send(shared, url.clone())).await {
+            None => sending.await,
+            Some(at) => match timeout_at(at, sending).await {
                 Ok(result) => result,
                 Err(_) if deadline.is_some_and(|deadline| deadline <= at) => {
                     let when = format!("passed during attempt {made}");
@@ -102,62 +107,8 @@ async fn attempts<T>(
             Ok(value) => return Ok(value),
             Err(failure) => failure,
         };
-        let Failure {
-            error,
-            headers,
-            transient,
-        } = failure;
-        let error = error.with_attempts(made);
-        let seen = FailedAttempt {
-            error: &error,
-            headers: headers.as_ref(),
-            attempt: made,
-            transient,
-        };
-        if !policy.should_retry(&seen) {
-            return Err(error);
-        }
-        let Some(bound) = delays.get_or_insert_with(|| policy.delays()).next() else {
-            return Err(error); // retries used up
-        };
-
-        let mut delay = policy.jittered(bound);
-        if let Some(asked) = headers
-            .as_ref()
-            .and_then(|headers| retry_after(headers, SystemTime::now()))
-        {
-            let limit = policy.retry_after_limit();
-            if asked > limit {
-                return Err(error.with_note(format!(
-                    "not retried: the server asked to wait {} (Retry-After), longer than \
-                     max_retry_after ({})",
-                    seconds(asked),
-                    seconds(limit)
-                )));
-            }
-            delay = delay.max(asked);
-        }
-
-        // Delays are bounded by max_delay and max_retry_after, which a caller may set
-        // to absurd values: a resume time past what an Instant holds is "never".
-        let Some(resume) = Instant::now().checked_add(delay) else {
-            return Err(error.with_note("not retried: the retry delay is too long"));
-        };
-        if let Some(limit) = policy.max_elapsed_limit()
-            && first.checked_add(limit).is_some_and(|end| resume > end)
-        {
-            return Err(error.with_note(format!(
-                "not retried: the next attempt would start after max_elapsed ({})",
-                seconds(limit)
-            )));
-        }
-        if let Some(at) = deadline
-            && resume >= at
-        {
-            let when = format!("would pass before attempt {} could start", made + 1);
-            return Err(past_deadline(shared, url, made, &when, Some(error)));
-        }
-
+        let (error, resume, delay) =
+            plan_retry(shared, failure, made, first, deadline, &mut delays, &url)?;
         tracing::debug!(
             id,
             attempt = made,
@@ -168,6 +119,80 @@ async fn attempts<T>(
         last = Some(error);
         sleepers.sleep_until(resume).await;
     }
+}
+
+/// After a failed attempt: when to try again and the error that made it necessary, or
+/// the error to give up with. (Not part of the async loop, so that nothing it reads,
+/// such as the response headers, takes room in every id's future.)
+fn plan_retry(
+    shared: &Shared,
+    failure: Failure,
+    made: u32,
+    first: Instant,
+    deadline: Option<Instant>,
+    delays: &mut Option<Box<ExponentialBackoff>>,
+    url: &Url,
+) -> Result<(Error, Instant, Duration), Error> {
+    let policy = &shared.retry;
+    let Failure {
+        error,
+        headers,
+        transient,
+    } = failure;
+    let error = error.with_attempts(made);
+    let seen = FailedAttempt {
+        error: &error,
+        headers: headers.as_ref(),
+        attempt: made,
+        transient,
+    };
+    if !policy.should_retry(&seen) {
+        return Err(error);
+    }
+    let Some(bound) = delays
+        .get_or_insert_with(|| Box::new(policy.delays()))
+        .next()
+    else {
+        return Err(error); // retries used up
+    };
+
+    let mut delay = policy.jittered(bound);
+    if let Some(asked) = headers
+        .as_ref()
+        .and_then(|headers| retry_after(headers, SystemTime::now()))
+    {
+        let limit = policy.retry_after_limit();
+        if asked > limit {
+            return Err(error.with_note(format!(
+                "not retried: the server asked to wait {} (Retry-After), longer than \
+                 max_retry_after ({})",
+                seconds(asked),
+                seconds(limit)
+            )));
+        }
+        delay = delay.max(asked);
+    }
+
+    // Delays are bounded by max_delay and max_retry_after, which a caller may set to
+    // absurd values: a resume time past what an Instant holds is "never".
+    let Some(resume) = Instant::now().checked_add(delay) else {
+        return Err(error.with_note("not retried: the retry delay is too long"));
+    };
+    if let Some(limit) = policy.max_elapsed_limit()
+        && first.checked_add(limit).is_some_and(|end| resume > end)
+    {
+        return Err(error.with_note(format!(
+            "not retried: the next attempt would start after max_elapsed ({})",
+            seconds(limit)
+        )));
+    }
+    if let Some(at) = deadline
+        && resume >= at
+    {
+        let when = format!("would pass before attempt {} could start", made + 1);
+        return Err(past_deadline(shared, url.clone(), made, &when, Some(error)));
+    }
+    Ok((error, resume, delay))
 }
 
 /// The error of an id that its deadline ended: a timeout, whatever the attempts before
