@@ -18,11 +18,13 @@
 //!   and polls the requests, setting aside the outcomes of those that finish. It admits
 //!   no new ids, so what it sets aside is bounded by the batch's admission limit.
 //!
-//! Leaving, the consumer first moves on every request that is ready; a wake-up that
-//! arrives after that is handed to the keeper. A consumer can also stop polling after
-//! being told to wait (`select!`, a timeout around `next()`, `ready_chunks`): the
-//! keeper's tick notices one that was woken and has not polled for a whole tick, and
-//! takes over as if it had left.
+//! Leaving, the consumer first moves on every request that is ready. A wake-up that
+//! comes during that last pass went to the consumer; rather than wake the keeper for
+//! it (the consumer is usually back within microseconds), the keeper's tick, every
+//! 10 ms, polls the requests once the consumer has been away for a whole tick. The tick
+//! also notices a consumer that stopped polling after being told to wait (`select!`, a
+//! timeout around `next()`, `ready_chunks`): woken at two ticks in a row and not back,
+//! it is treated as away.
 //!
 //! The engine is behind a lock that both sides only try: neither ever blocks a thread.
 //! A keeper that finds it taken has nothing to do (the consumer is polling). A consumer
@@ -63,8 +65,17 @@ struct Switch {
     state: AtomicU8,
     /// Polls of the consumer so far, for the keeper's tick.
     polls: AtomicU64,
+    /// Set with each wake-up meant for the keeper (rather than its tick).
+    keeper_called: AtomicBool,
     consumer: AtomicWaker,
     keeper: AtomicWaker,
+}
+
+impl Switch {
+    fn call_keeper(&self) {
+        self.keeper_called.store(true, SeqCst);
+        self.keeper.wake();
+    }
 }
 
 impl ArcWake for Switch {
@@ -82,7 +93,7 @@ impl ArcWake for Switch {
                     }
                 }
                 PRESENT_WOKEN => return switch.consumer.wake(),
-                AWAY => return switch.keeper.wake(),
+                AWAY => return switch.call_keeper(),
                 _ => return,
             }
         }
@@ -160,6 +171,7 @@ where
             switch: Arc::new(Switch {
                 state: AtomicU8::new(AWAY),
                 polls: AtomicU64::new(0),
+                keeper_called: AtomicBool::new(false),
                 consumer: AtomicWaker::new(),
                 keeper: AtomicWaker::new(),
             }),
@@ -204,9 +216,11 @@ where
             }
         }
         drop(core);
-        if switch.state.swap(AWAY, SeqCst) == PRESENT_WOKEN {
-            switch.keeper.wake();
-        }
+        // A wake-up that came during the last pass is not handed over at once: the
+        // consumer is usually back within microseconds, and waking the keeper for it
+        // would cost more than the request. If it stays away, the keeper's next tick but
+        // one finds it quiet and takes over.
+        switch.state.store(AWAY, SeqCst);
         polled
     }
 
@@ -218,7 +232,7 @@ where
         drop(core);
         // A keeper woken while we held the core found it taken and did nothing.
         if self.switch.state.load(SeqCst) == AWAY {
-            self.switch.keeper.wake();
+            self.switch.call_keeper();
         }
         Some(seen)
     }
@@ -283,13 +297,17 @@ where
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
             tick
         });
+        // Whether the consumer has been quiet (not polled) for a whole tick, in which
+        // case requests whose wake-ups went to it, or that it left ready, are ours.
+        let mut quiet = false;
         while tick.poll_tick(cx).is_ready() {
             let polls = switch.polls.load(SeqCst);
             let woken = switch.state.load(SeqCst) == PRESENT_WOKEN;
+            quiet = polls == self.polls_at_tick;
             // Woken at the last tick already, and no poll since: it stopped polling
             // (it waits on something else, `select!`-style). Treat it as away until it
             // is back.
-            if woken && self.woken_at_tick && polls == self.polls_at_tick {
+            if quiet && woken && self.woken_at_tick {
                 let _ = switch
                     .state
                     .compare_exchange(PRESENT_WOKEN, AWAY, SeqCst, SeqCst);
@@ -297,7 +315,9 @@ where
             self.polls_at_tick = polls;
             self.woken_at_tick = woken;
         }
-        if switch.state.load(SeqCst) != AWAY {
+        // Called by a wake-up while the consumer is away, or the tick found it quiet.
+        let called = switch.keeper_called.swap(false, SeqCst);
+        if switch.state.load(SeqCst) != AWAY || !(called || quiet) {
             return Poll::Pending;
         }
         let Some(shared) = self.shared.upgrade() else {
