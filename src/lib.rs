@@ -63,6 +63,12 @@
 //! release the slot. Non-2xx answers, transport failures, oversized bodies and
 //! undecodable JSON each become an [`Error`] of their own [`ErrorKind`].
 //!
+//! No task is spawned per request: the consumer of a stream polls the requests while it
+//! waits for the next outcome, as a `buffer_unordered` loop would, and a background
+//! task (one per stream) polls them while the consumer is busy elsewhere, so answers are
+//! read and timeouts do not fire on answers that have arrived. See `docs/performance.md`
+//! for what this costs against a hand-written loop.
+//!
 //! Transient failures (connection errors, timeouts, a dropped connection, 408, 429,
 //! 500, 502, 503, 504) are retried by the [`RetryPolicy`]: by default up to 3 times,
 //! after exponentially growing delays with full jitter, or after the server's

@@ -2,7 +2,7 @@
 //!
 //! A sleeping id holds no concurrency slot, so the engine may admit another id in its
 //! place. The count tells the engine how many of its running ids are asleep; the waker
-//! lets a task that falls asleep prompt the engine to admit that other id now rather
+//! lets a request that falls asleep prompt the engine to admit that other id now rather
 //! than when the next outcome arrives.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
