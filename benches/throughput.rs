@@ -18,10 +18,13 @@
 //! - `buffered`: `stream::iter(ids).map(|id| fetch(id)).buffer_unordered(n)`, the
 //!   hand-written reqwest loop;
 //! - `spawned`: the same with `tokio::spawn` around each request;
+//! - `buffered_timeout`: `buffered` with a 30 s per-request timeout (reqwest's), the
+//!   one safeguard such a loop should have, to tell the cost of a timer per request
+//!   from the rest of `fanout`'s;
 //! - `as_completed` and `collect_ordered`: `fanout`, with a retry policy, a rate
 //!   limit set too high to bind, a body size cap and a per-attempt timeout.
 //!
-//! Within a round the four run back to back, the order rotating from round to round.
+//! Within a round the five run back to back, the order rotating from round to round.
 //! Each variant's ratio to `buffered` is taken within a round and the median over the
 //! rounds is reported, so slow phases of a noisy machine hit both sides of a ratio.
 //!
@@ -77,13 +80,15 @@ struct Stats {
 enum Variant {
     Buffered,
     Spawned,
+    TimedOut,
     AsCompleted,
     Ordered,
 }
 
-const VARIANTS: [Variant; 4] = [
+const VARIANTS: [Variant; 5] = [
     Variant::Buffered,
     Variant::Spawned,
+    Variant::TimedOut,
     Variant::AsCompleted,
     Variant::Ordered,
 ];
@@ -93,6 +98,7 @@ impl Variant {
         match self {
             Variant::Buffered => "buffered",
             Variant::Spawned => "spawned",
+            Variant::TimedOut => "buffered_timeout",
             Variant::AsCompleted => "as_completed",
             Variant::Ordered => "collect_ordered",
         }
@@ -102,6 +108,7 @@ impl Variant {
         match self {
             Variant::Buffered => "(a) buffer_unordered",
             Variant::Spawned => "(b) spawn + buffer_unordered",
+            Variant::TimedOut => "(a') (a) + 30 s timeout",
             Variant::AsCompleted => "(c) fanout as_completed",
             Variant::Ordered => "(d) fanout collect_ordered",
         }
@@ -328,8 +335,16 @@ fn client(variant: Variant, addr: SocketAddr, concurrency: usize, requests: u64)
     let ids = 0..requests;
     let (seconds, cpu_seconds, ok) = runtime.block_on(async {
         match variant {
-            Variant::Buffered | Variant::Spawned => {
-                let client = reqwest::Client::new();
+            Variant::Buffered | Variant::Spawned | Variant::TimedOut => {
+                let client = if variant == Variant::TimedOut {
+                    // The loop with the one safeguard every such loop should have.
+                    reqwest::Client::builder()
+                        .timeout(Duration::from_secs(30))
+                        .build()
+                        .unwrap()
+                } else {
+                    reqwest::Client::new()
+                };
                 let run = |ids| by_hand(variant, &client, &base, ids, concurrency);
                 run(warm_up).await;
                 timed(run(ids)).await
@@ -365,7 +380,7 @@ async fn timed(work: impl Future<Output = u64>) -> (f64, f64, u64) {
     (started.elapsed().as_secs_f64(), cpu_seconds() - cpu, ok)
 }
 
-/// The hand-written loops: (a) and (b).
+/// The hand-written loops: (a), (b) and (a').
 async fn by_hand(
     variant: Variant,
     client: &reqwest::Client,
