@@ -208,7 +208,7 @@ where
         // Leaving. Requests that are ready but were not polled (their wake-ups may have
         // come before this poll, and been spent) would wait for the consumer's return:
         // move them on now. Each pass forgets the wake-ups before it, whose requests it
-        // polls; one that comes after the last pass began is left to the keeper.
+        // polls; one that comes after the last pass began waits (see below).
         loop {
             switch.state.store(PRESENT, SeqCst);
             if !core.drive_one(&mut cx) {
