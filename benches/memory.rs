@@ -12,6 +12,8 @@
 //! `/proc/self/status`) is the client's alone. The ratio of the 1M run's peak to the
 //! 100k run's is the figure of merit: flat memory means about 1.0.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Instant;
@@ -21,6 +23,7 @@ use axum::extract::Path;
 use axum::routing::get;
 use fanout::FanOut;
 use futures::StreamExt;
+use support::peak_rss_kb;
 
 const CONCURRENCY: usize = 64;
 const SIZES: [u64; 2] = [100_000, 1_000_000];
@@ -74,15 +77,6 @@ fn client(addr: SocketAddr, ids: u64) {
     });
     assert_eq!(ok, ids, "every id succeeded");
     println!("{} {:.2}", peak_rss_kb(), started.elapsed().as_secs_f64());
-}
-
-fn peak_rss_kb() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/self/status")
 }
 
 fn compare(rounds: usize) {

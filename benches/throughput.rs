@@ -31,6 +31,8 @@
 //! **Scheduling.** A second server delays every answer by 20 ms; 5,000 ids at
 //! concurrency 100 should take 5000 / 100 × 20 ms = 1 s. Reported: makespan / ideal.
 
+mod support;
+
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -45,6 +47,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
 use fanout::{FanOut, Quota, RetryPolicy, reqwest};
 use futures::StreamExt;
+use support::peak_rss_kb;
 
 const CONCURRENCIES: [usize; 3] = [16, 64, 256];
 const SCHEDULE_IDS: u64 = 5_000;
@@ -450,15 +453,6 @@ fn cpu_seconds() -> f64 {
     };
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
-}
-
-fn peak_rss_kb() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/self/status")
 }
 
 /// Starts a client process for one run and waits for its report.
