@@ -8,9 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use fanout::{ErrorKind, FanOut};
+use fanout::{ErrorKind, FanOut, RetryPolicy};
 use futures::{Stream, StreamExt};
+use serde_json::json;
 use support::{GaugeServer, Item, eventually};
+use wiremock::matchers::{any, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
 /// Decodes an item and counts it: decoding happens wherever the requests are polled.
 fn counted<'de, D: serde::Deserializer<'de>>(de: D, counter: &AtomicUsize) -> Result<(), D::Error> {
@@ -54,9 +57,18 @@ async fn all_decoded(counter: &AtomicUsize, expected: usize) -> bool {
 
 counted_type!(Sized1, SIZED);
 
+/// One quick answer (id 0), then the others while the consumer holds the first.
+async fn one_quick_then_slow() -> GaugeServer {
+    GaugeServer::scripted(|id| {
+        let delay = if id == "0" { 20 } else { 300 };
+        (Duration::from_millis(delay), StatusCode::OK)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asking_for_a_size_hint_does_not_stall_the_requests() {
-    let server = GaugeServer::with_delay(Duration::from_millis(100)).await;
+    let server = one_quick_then_slow().await;
     let fan = fan_out::<Sized1>(&server, Duration::from_secs(5));
     let mut stream = fan.fan_out(0..8).as_completed();
     stream.next().await.unwrap().1.unwrap();
@@ -100,11 +112,7 @@ counted_type!(Chunked, CHUNKED);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_chunks_with_a_slow_consumer_keeps_the_requests_going() {
     // One quick answer, then the rest while the consumer works on its first chunk.
-    let server = GaugeServer::scripted(|id| {
-        let delay = if id == "0" { 20 } else { 300 };
-        (Duration::from_millis(delay), StatusCode::OK)
-    })
-    .await;
+    let server = one_quick_then_slow().await;
     let fan = fan_out::<Chunked>(&server, Duration::from_secs(5));
     // `ready_chunks` polls until the stream says "not yet", then hands over a chunk:
     // the last word the stream heard was a poll, not an outcome taken.
@@ -128,19 +136,37 @@ async fn ready_chunks_with_a_slow_consumer_keeps_the_requests_going() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_away_longer_than_the_timeout_causes_no_timeouts() {
-    let server = GaugeServer::with_delay(Duration::from_millis(100)).await;
-    let fan = fan_out::<Item>(&server, Duration::from_millis(500));
+    // Bodies larger than the socket buffers: an answer is read only while someone
+    // polls its request.
+    let server = MockServer::start().await;
+    Mock::given(path("/items/0"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "0"})))
+        .mount(&server)
+        .await;
+    let pad = "x".repeat(12 << 20);
+    Mock::given(any())
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_delay(Duration::from_millis(200))
+                .set_body_json(json!({"id": "n", "pad": pad})),
+        )
+        .mount(&server)
+        .await;
+    let fan = FanOut::<u32, Item>::builder()
+        .detail_url(&format!("{}/items/{{id}}", server.uri()))
+        .concurrency(8)
+        .timeout(Duration::from_millis(1500))
+        .retry(RetryPolicy::none())
+        .build()
+        .unwrap();
     let mut stream = fan.fan_out(0..8).as_completed();
     let mut outcomes = Vec::new();
     while let Some((id, result)) = stream.next().await {
-        // A consumer that takes a second over each result: the answers, which come
-        // within 100 ms, must not time out while it is away.
-        tokio::time::sleep(Duration::from_millis(if outcomes.is_empty() {
-            1000
-        } else {
-            0
-        }))
-        .await;
+        // A consumer that takes 2.5 s over its first result, longer than the timeout:
+        // the other answers, which start within 200 ms, must not time out meanwhile.
+        if outcomes.is_empty() {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        }
         outcomes.push((id, result.map(|_| ())));
     }
     assert_eq!(outcomes.len(), 8);

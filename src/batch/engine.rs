@@ -52,7 +52,7 @@ pub(crate) struct Core<Id, T> {
     /// Why the input ended early, if it failed (a list page that could not be read).
     input_error: Option<Error>,
     running: FuturesUnordered<Running<Id, T>>,
-    /// Outcomes taken from `running` by [`drive`](Core::drive), not yet handed out.
+    /// Outcomes taken from `running` by [`drive_one`](Core::drive_one), not yet handed out.
     finished: VecDeque<Done<Id, T>>,
     /// Most ids admitted at once, asleep or not, finished or not, until handed out.
     max_admitted: usize,
