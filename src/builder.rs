@@ -457,7 +457,11 @@ impl<Id, T> FanOutBuilder<Id, T> {
             // A client of our own sends the headers by default: cheaper than copying
             // them into every request, which a caller's client needs.
             None => reqwest::Client::builder()
-                .user_agent(USER_AGENT)
+                // Static: reqwest copies this value into every request (and clones its
+                // connector, which holds it, more than once a request); a value made
+                // from a `&str` would be a reference count that every one of those
+                // copies and the worker threads dropping them contend on.
+                .user_agent(HeaderValue::from_static(USER_AGENT))
                 .default_headers(std::mem::take(&mut headers))
                 .build()
                 .map_err(|err| {
