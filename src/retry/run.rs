@@ -91,7 +91,7 @@ async fn attempts<T>(
         let sending = Box::pin(send(shared, url.clone()));
         let result = match end {
             None => sending.await,
-            Some(at) => match timeout_at(at, sending).await {
+            Some(at) => match sleepers.within(at, sending).await {
                 Ok(result) => result,
                 Err(_) if deadline.is_some_and(|deadline| deadline <= at) => {
                     let when = format!("passed during attempt {made}");
