@@ -41,7 +41,9 @@ use crate::fanout::Shared;
 /// | [`in_order`](Batch::in_order) | input | bounded window | yielded as an item |
 ///
 /// Batches must be consumed inside a Tokio runtime; elsewhere every id fails with
-/// [`ErrorKind::Runtime`](crate::ErrorKind::Runtime).
+/// [`ErrorKind::Runtime`](crate::ErrorKind::Runtime). A batch belongs to the runtime
+/// it is first polled in (its streams' background task and its requests' timers live
+/// there): consume it there to the end, rather than moving it to another runtime.
 #[must_use = "a batch sends nothing until it is consumed"]
 pub struct Batch<Id, T> {
     core: Core<Id, T>,

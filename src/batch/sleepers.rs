@@ -10,8 +10,12 @@
 //! the next attempt to reset. Making a Tokio timer and dropping it takes the timer
 //! wheel's lock twice (to insert the entry and to remove it), a lock the worker threads
 //! also take as they turn the wheel; resetting a kept timer to a later deadline is one
-//! atomic operation, the entry staying where it is until its old deadline comes round.
-//! At most as many timers are kept as attempts ran at once.
+//! atomic operation on the attempt's side. The entry stays where it is until its old
+//! deadline comes round; then the wheel files it again under its new deadline, or, for
+//! a timer lying unused in the batch, fires it and wakes the request that last had it,
+//! which has finished and ignores the wake-up. At most as many timers are kept as
+//! attempts ran at once (no more than the concurrency), and they belong to the runtime
+//! that made them, as a batch does.
 
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -20,6 +24,7 @@ use std::sync::{Mutex, PoisonError};
 use std::task::{Poll, Waker};
 
 use futures::task::AtomicWaker;
+use tokio::task::coop;
 use tokio::time::{Instant, Sleep};
 
 #[derive(Default)]
@@ -61,13 +66,21 @@ impl Sleepers {
         let mut lent = self.lend(at);
         let mut future = pin!(future);
         std::future::poll_fn(|cx| {
+            let had_budget = coop::has_budget_remaining();
             if let Poll::Ready(output) = future.as_mut().poll(cx) {
                 return Poll::Ready(Ok(output));
             }
-            match &mut lent.timer {
-                Some(timer) => timer.as_mut().poll(cx).map(|()| Err(Elapsed)),
-                None => Poll::Pending, // only once given back
-            }
+            let Some(timer) = &mut lent.timer else {
+                return Poll::Pending; // only once given back
+            };
+            // As `timeout_at` does: an attempt that used up the task's budget must not
+            // keep its timer from being looked at, or it would never time out.
+            let fired = if had_budget && !coop::has_budget_remaining() {
+                pin!(coop::unconstrained(timer.as_mut())).poll(cx)
+            } else {
+                timer.as_mut().poll(cx)
+            };
+            fired.map(|()| Err(Elapsed))
         })
         .await
     }
@@ -150,6 +163,20 @@ mod tests {
             "fired at the far deadline"
         );
         assert_eq!(sleepers.kept().len(), 1, "one timer served every attempt");
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_spends_the_tasks_budget_still_times_out() {
+        let sleepers = Sleepers::default();
+        let at = Instant::now() + Duration::from_millis(50);
+        let busy = async {
+            loop {
+                coop::consume_budget().await;
+            }
+        };
+        // The outer timeout is tokio's own, which copes: it ends the test if ours does not.
+        let outcome = tokio::time::timeout(Duration::from_secs(5), sleepers.within(at, busy)).await;
+        assert!(matches!(outcome, Ok(Err(Elapsed))), "{outcome:?}");
     }
 
     #[tokio::test]
