@@ -71,7 +71,7 @@ impl Sleepers {
                 return Poll::Ready(Ok(output));
             }
             let Some(timer) = &mut lent.timer else {
-                return Poll::Pending; // only once given back
+                return Poll::Pending; // never: it is given back only as the attempt ends
             };
             // As `timeout_at` does: an attempt that used up the task's budget must not
             // keep its timer from being looked at, or it would never time out.
