@@ -472,16 +472,26 @@ fn cpu_seconds() -> f64 {
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
+/// The arguments that make this binary one client process (see `main`).
+fn client_args(
+    variant: Variant,
+    addr: SocketAddr,
+    concurrency: usize,
+    requests: u64,
+) -> [String; 5] {
+    [
+        "--client".into(),
+        variant.name().into(),
+        addr.to_string(),
+        concurrency.to_string(),
+        requests.to_string(),
+    ]
+}
+
 /// Starts a client process for one run and waits for its report.
 fn run_client(variant: Variant, addr: SocketAddr, concurrency: usize, requests: u64) -> Run {
     let output = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--client",
-            variant.name(),
-            &addr.to_string(),
-            &concurrency.to_string(),
-            &requests.to_string(),
-        ])
+        .args(client_args(variant, addr, concurrency, requests))
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
@@ -671,13 +681,7 @@ fn count_instructions(
     let output = Command::new("valgrind")
         .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
         .arg(std::env::current_exe().unwrap())
-        .args([
-            "--client",
-            variant.name(),
-            &addr.to_string(),
-            &concurrency.to_string(),
-            &requests.to_string(),
-        ])
+        .args(client_args(variant, addr, concurrency, requests))
         .output()
         .unwrap();
     assert!(
