@@ -96,12 +96,16 @@ pub(crate) fn decode<T: DeserializeOwned>(answer: Answer) -> Result<T, Failure> 
 /// Sends one attempt for `url` and reads its body under the size cap. The caller
 /// bounds it in time.
 pub(crate) async fn send(shared: &Shared, url: Url) -> Result<Answer, Failure> {
-    let mut request = reqwest::Request::new(Method::GET, url);
-    if !shared.headers.is_empty() {
-        *request.headers_mut() = shared.headers.clone();
-    }
-
-    let mut response = shared.client.execute(request).await.map_err(|err| {
+    // In a block of its own, so that the request, moved into `execute`, takes no room
+    // in the future.
+    let pending = {
+        let mut request = reqwest::Request::new(Method::GET, url);
+        if !shared.headers.is_empty() {
+            *request.headers_mut() = shared.headers.clone();
+        }
+        shared.client.execute(request)
+    };
+    let mut response = pending.await.map_err(|err| {
         // A redirect loop or a request reqwest refuses to build will not get better.
         let transient = !(err.is_redirect() || err.is_builder());
         let url = err.url().cloned();

@@ -7,4 +7,4 @@ mod run;
 pub use self::policy::{FailedAttempt, RetryPolicy};
 
 pub(crate) use self::policy::is_transient_status;
-pub(crate) use self::run::{fetch, fetch_with};
+pub(crate) use self::run::{Scope, fetch, fetch_with};

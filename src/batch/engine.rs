@@ -20,11 +20,10 @@ use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
 use tokio::task::JoinError;
 
-use super::Sleepers;
 use crate::dedup::Seen;
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
-use crate::retry::fetch;
+use crate::retry::{Scope, fetch};
 
 /// How many ids may be admitted per concurrency slot, counting those asleep between
 /// retries. Sleeping ids free their slot for another id, but a server that fails
@@ -36,13 +35,6 @@ pub(crate) struct Done<Id, T> {
     pub(crate) seq: u64,
     pub(crate) id: Id,
     pub(crate) result: Result<T, Error>,
-}
-
-/// What every request of one batch reads: the `FanOut`'s settings, and the count of
-/// the batch's ids asleep between retries. One `Arc` clone per request.
-struct Scope {
-    shared: Arc<Shared>,
-    sleepers: Sleepers,
 }
 
 pub(crate) struct Core<Id, T> {
@@ -78,10 +70,7 @@ where
         let max_admitted = shared.concurrency.saturating_mul(ADMITTED_PER_SLOT);
         let seen = shared.dedup_ids.then(Seen::default);
         Core {
-            scope: Arc::new(Scope {
-                shared,
-                sleepers: Sleepers::default(),
-            }),
+            scope: Scope::new(shared),
             ids: Some(ids),
             input_error: None,
             running: FuturesUnordered::new(),
@@ -254,12 +243,7 @@ where
             .template
             .render(&id_text, &mut self.url_text)
         {
-            Ok(url) => {
-                let scope = Arc::clone(&self.scope);
-                State::Request(Box::pin(async move {
-                    fetch(&scope.shared, id_text, url, &scope.sleepers).await
-                }))
-            }
+            Ok(url) => State::Request(Box::pin(fetch(Arc::clone(&self.scope), id_text, url))),
             Err(err) => State::Decided(Some(err.with_id_text(id_text))),
         }
     }

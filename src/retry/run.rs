@@ -1,6 +1,8 @@
 //! One id from its first attempt to its outcome: retries, their delays, `Retry-After`,
 //! `max_elapsed` and the id's deadline.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use backon::ExponentialBackoff;
@@ -15,109 +17,144 @@ use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
 use crate::request::{Answer, Failure, decode, ready, send};
 
+/// What every request of one batch reads: the `FanOut`'s settings, and the batch's ids
+/// asleep between retries. One `Arc` clone per id.
+pub(crate) struct Scope {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) sleepers: Sleepers,
+}
+
+impl Scope {
+    pub(crate) fn new(shared: Arc<Shared>) -> Arc<Self> {
+        Arc::new(Scope {
+            shared,
+            sleepers: Sleepers::default(),
+        })
+    }
+}
+
 /// Fetches and decodes the record for `id` at `url`, retrying as the policy allows.
 /// Every error names the id and how many attempts were made.
-pub(crate) async fn fetch<T: DeserializeOwned>(
-    shared: &Shared,
+pub(crate) fn fetch<T: DeserializeOwned>(
+    scope: Arc<Scope>,
     id: String,
     url: Url,
-    sleepers: &Sleepers,
-) -> Result<T, Error> {
-    attempts(shared, Some(&id), url, sleepers, decode)
-        .await
-        .map_err(|err| err.with_id_text(id))
+) -> impl Future<Output = Result<T, Error>> + Send {
+    attempts(scope, Some(id), url, decode)
 }
 
 /// Fetches `url` (a list page, not an id's record), retrying as the policy allows, and
 /// makes what it needs of the answer with `read`.
-pub(crate) async fn fetch_with<T>(
-    shared: &Shared,
+pub(crate) fn fetch_with<T>(
+    shared: &Arc<Shared>,
     url: Url,
-    read: impl FnMut(Answer) -> Result<T, Failure>,
-) -> Result<T, Error> {
+    read: impl FnMut(Answer) -> Result<T, Failure> + Send,
+) -> impl Future<Output = Result<T, Error>> + Send {
     // Nobody admits others in place of a sleeping list page; the count goes unread.
-    attempts(shared, None, url, &Sleepers::default(), read).await
+    attempts(Scope::new(Arc::clone(shared)), None, url, read)
 }
 
-/// Attempts `url` until `read` accepts an answer or the policy gives up.
-async fn attempts<T>(
-    shared: &Shared,
-    id: Option<&str>,
+/// Attempts `url` until `read` accepts an answer or the policy gives up; an id's
+/// errors are named after it.
+///
+/// An `async` block rather than an `async fn`: the future is most of an id's memory,
+/// and an `async fn` would keep a second copy of each argument in it.
+fn attempts<T>(
+    scope: Arc<Scope>,
+    id: Option<String>,
     url: Url,
-    sleepers: &Sleepers,
-    mut read: impl FnMut(Answer) -> Result<T, Failure>,
-) -> Result<T, Error> {
-    let mut made: u32 = 0;
-    // Both clocks start when the first attempt is sent, not when the id was admitted:
-    // time spent waiting for a slot or a rate-limit token is not the server's fault.
-    let mut first_sent = None;
-    let mut deadline = None;
-    // Made at the first retry; boxed, as most ids never need it.
-    let mut delays: Option<Box<ExponentialBackoff>> = None;
-    // The previous attempt's failure, for the message if the deadline ends the id.
-    let mut last: Option<Error> = None;
+    mut read: impl FnMut(Answer) -> Result<T, Failure> + Send,
+) -> impl Future<Output = Result<T, Error>> + Send {
+    async move {
+        let (shared, sleepers) = (&*scope.shared, &scope.sleepers);
+        let mut made: u32 = 0;
+        // Both clocks start when the first attempt is sent, not when the id was
+        // admitted: time spent waiting for a slot or a rate-limit token is not the
+        // server's fault.
+        let mut first_sent = None;
+        let mut deadline = None;
+        // Made at the first retry; boxed, as most ids never need it.
+        let mut delays: Option<Box<ExponentialBackoff>> = None;
+        // The previous attempt's failure, for the message if the deadline ends the id.
+        let mut last: Option<Error> = None;
 
-    loop {
-        let slot = match deadline {
-            None => ready(shared).await?,
-            // Boxed: only ids with a deadline need room for its timer here.
-            Some(at) => match timeout_at(at, Box::pin(ready(shared))).await {
-                Ok(slot) => slot?,
-                Err(_) => {
-                    let when = format!(
-                        "passed while attempt {} waited for a slot or a rate-limit token",
-                        made + 1
-                    );
-                    return Err(past_deadline(shared, url, made, &when, last));
+        let outcome = loop {
+            let slot = match deadline {
+                None => ready(shared).await,
+                // Boxed: only ids with a deadline need room for its timer here.
+                Some(at) => match timeout_at(at, Box::pin(ready(shared))).await {
+                    Ok(slot) => slot,
+                    Err(_) => {
+                        let when = format!(
+                            "passed while attempt {} waited for a slot or a rate-limit token",
+                            made + 1
+                        );
+                        break Err(past_deadline(shared, url, made, &when, last));
+                    }
+                },
+            };
+            let slot = match slot {
+                Ok(slot) => slot,
+                Err(err) => break Err(err),
+            };
+            made = made.saturating_add(1);
+            let now = Instant::now();
+            let first = *first_sent.get_or_insert(now);
+            if deadline.is_none() {
+                // A deadline too far ahead to represent is no deadline.
+                deadline = shared.deadline.and_then(|limit| first.checked_add(limit));
+            }
+            // The attempt ends at its timeout or the id's deadline, whichever is first.
+            // A limit too far ahead to represent is no limit.
+            let attempt_end = now.checked_add(shared.timeout);
+            let end = match (attempt_end, deadline) {
+                (Some(attempt_end), Some(deadline)) => Some(attempt_end.min(deadline)),
+                (attempt_end, deadline) => attempt_end.or(deadline),
+            };
+            // Boxed: the attempt is most of an id's state, and both halves are then
+            // small enough for the allocator's per-thread cache, which one large box
+            // is not.
+            let sending = Box::pin(send(shared, url.clone()));
+            // In a block of its own, so that the attempt's result takes no room in the
+            // future while it sleeps before the next attempt.
+            let failure = {
+                let result = match end {
+                    None => sending.await,
+                    Some(at) => match sleepers.within(at, sending).await {
+                        Ok(result) => result,
+                        Err(_) if deadline.is_some_and(|deadline| deadline <= at) => {
+                            let when = format!("passed during attempt {made}");
+                            break Err(past_deadline(shared, url, made, &when, last));
+                        }
+                        Err(_) => Err(timed_out(shared, &url)),
+                    },
                 }
-            },
-        };
-        made = made.saturating_add(1);
-        let now = Instant::now();
-        let first = *first_sent.get_or_insert(now);
-        if deadline.is_none() {
-            // A deadline too far ahead to represent is no deadline.
-            deadline = shared.deadline.and_then(|limit| first.checked_add(limit));
-        }
-        // The attempt ends at its timeout or the id's deadline, whichever is first. A
-        // limit too far ahead to represent is no limit.
-        let attempt_end = now.checked_add(shared.timeout);
-        let end = match (attempt_end, deadline) {
-            (Some(attempt_end), Some(deadline)) => Some(attempt_end.min(deadline)),
-            (attempt_end, deadline) => attempt_end.or(deadline),
-        };
-        // Boxed: the attempt is most of an id's state, and both halves are then small
-        // enough for the allocator's per-thread cache, which one large box is not.
-        let sending = Box::pin(send(shared, url.clone()));
-        let result = match end {
-            None => sending.await,
-            Some(at) => match sleepers.within(at, sending).await {
-                Ok(result) => result,
-                Err(_) if deadline.is_some_and(|deadline| deadline <= at) => {
-                    let when = format!("passed during attempt {made}");
-                    return Err(past_deadline(shared, url, made, &when, last));
+                .and_then(&mut read);
+                drop(slot);
+                match result {
+                    Ok(value) => break Ok(value),
+                    Err(failure) => failure,
                 }
-                Err(_) => Err(timed_out(shared, &url)),
-            },
-        }
-        .and_then(&mut read);
-        drop(slot);
-
-        let failure = match result {
-            Ok(value) => return Ok(value),
-            Err(failure) => failure,
+            };
+            let (error, resume, delay) =
+                match plan_retry(shared, failure, made, first, deadline, &mut delays, &url) {
+                    Ok(retry) => retry,
+                    Err(error) => break Err(error),
+                };
+            tracing::debug!(
+                id = id.as_deref(),
+                attempt = made,
+                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                reason = %error,
+                "retrying",
+            );
+            last = Some(error);
+            sleepers.sleep_until(resume).await;
         };
-        let (error, resume, delay) =
-            plan_retry(shared, failure, made, first, deadline, &mut delays, &url)?;
-        tracing::debug!(
-            id,
-            attempt = made,
-            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            reason = %error,
-            "retrying",
-        );
-        last = Some(error);
-        sleepers.sleep_until(resume).await;
+        match id {
+            Some(id) => outcome.map_err(|err| err.with_id_text(id)),
+            None => outcome,
+        }
     }
 }
 
