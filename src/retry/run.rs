@@ -59,6 +59,10 @@ pub(crate) fn fetch_with<T>(
 ///
 /// An `async` block rather than an `async fn`: the future is most of an id's memory,
 /// and an `async fn` would keep a second copy of each argument in it.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a copy of each argument beside the one it uses"
+)]
 fn attempts<T>(
     scope: Arc<Scope>,
     id: Option<String>,
