@@ -64,6 +64,12 @@ impl<Id, T> FanOut<Id, T> {
         FanOutBuilder::new()
     }
 
+    /// The settings every batch reads, for tests that look inside.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     pub(crate) fn from_shared(shared: Arc<Shared>) -> Self {
         FanOut {
             shared,
