@@ -10,15 +10,16 @@ use std::collections::VecDeque;
 use std::fmt::{Display, Write as _};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::StreamExt;
+use futures::future::{Either, ready};
 use futures::stream::{BoxStream, FuturesUnordered};
+use futures::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
 use tokio::task::JoinError;
+use url::Url;
 
 use crate::dedup::Seen;
 use crate::error::{Error, ErrorKind};
@@ -43,7 +44,8 @@ pub(crate) struct Core<Id, T> {
     ids: Option<BoxStream<'static, Result<Id, Error>>>,
     /// Why the input ended early, if it failed (a list page that could not be read).
     input_error: Option<Error>,
-    running: FuturesUnordered<Running<Id, T>>,
+    /// The admitted ids' requests, each one allocation (see [`Requests`]).
+    running: Box<dyn Requests<Id, T>>,
     /// Outcomes taken from `running` by [`drive_one`](Core::drive_one), not yet handed out.
     finished: VecDeque<Done<Id, T>>,
     /// Most ids admitted at once, asleep or not, finished or not, until handed out.
@@ -73,7 +75,7 @@ where
             scope: Scope::new(shared),
             ids: Some(ids),
             input_error: None,
-            running: FuturesUnordered::new(),
+            running: requests(request::<Id, T>),
             finished: VecDeque::new(),
             max_admitted,
             seen,
@@ -125,7 +127,7 @@ where
         self.admit(cx, admit_below);
         let done = match self.finished.pop_front() {
             Some(done) => done,
-            None => match self.running.poll_next_unpin(cx) {
+            None => match self.running.poll_next(cx) {
                 Poll::Ready(Some(done)) => done,
                 Poll::Ready(None) if self.ids.is_none() => return Poll::Ready(None),
                 // Nothing running: the input is pending (its waker is registered) or
@@ -144,7 +146,7 @@ where
     /// aside the outcome of the first to finish. Returns whether one finished: `false`
     /// means none is left to poll until a new wake-up.
     pub(crate) fn drive_one(&mut self, cx: &mut Context<'_>) -> bool {
-        match self.running.poll_next_unpin(cx) {
+        match self.running.poll_next(cx) {
             Poll::Ready(Some(done)) => {
                 self.finished.push_back(done);
                 true
@@ -206,36 +208,30 @@ where
             {
                 continue; // a repeat: it has had (or will have) its one outcome
             }
-            let state = if displayed {
+            let start = if displayed {
                 self.start(id_text)
             } else {
-                State::Decided(Some(Error::new(
+                Err(Error::new(
                     ErrorKind::InvalidId,
                     "the id's Display implementation returned an error",
-                )))
+                ))
             };
-            self.running.push(Running {
-                seq: self.next_seq,
-                id: Some(id),
-                state,
-            });
+            self.running.push(self.next_seq, id, start);
             self.next_seq += 1;
         }
     }
 
-    /// Renders the id's URL and makes its request, or returns why it cannot run.
-    fn start(&mut self, id_text: String) -> State<T> {
+    /// Renders the id's URL, or returns why its request cannot run.
+    fn start(&mut self, id_text: String) -> Start {
         if !*self
             .in_runtime
             .get_or_insert_with(|| Handle::try_current().is_ok())
         {
-            return State::Decided(Some(
-                Error::new(
-                    ErrorKind::Runtime,
-                    "fanout's batches must be polled inside a Tokio runtime",
-                )
-                .with_id_text(id_text),
-            ));
+            return Err(Error::new(
+                ErrorKind::Runtime,
+                "fanout's batches must be polled inside a Tokio runtime",
+            )
+            .with_id_text(id_text));
         }
         match self
             .scope
@@ -243,8 +239,8 @@ where
             .template
             .render(&id_text, &mut self.url_text)
         {
-            Ok(url) => State::Request(Box::pin(fetch(Arc::clone(&self.scope), id_text, url))),
-            Err(err) => State::Decided(Some(err.with_id_text(id_text))),
+            Ok(url) => Ok((Arc::clone(&self.scope), id_text, url)),
+            Err(err) => Err(err.with_id_text(id_text)),
         }
     }
 }
@@ -263,68 +259,105 @@ impl<Id, T> Drop for Core<Id, T> {
     }
 }
 
-/// One admitted id: its request, or an outcome decided without sending anything.
-/// Dropping it cancels the request.
-struct Running<Id, T> {
-    seq: u64,
-    id: Option<Id>,
-    state: State<T>,
+/// What an admitted id's request needs (its batch's scope, its text and its URL), or
+/// the outcome it gets without sending anything.
+type Start = Result<(Arc<Scope>, String, Url), Error>;
+
+/// The admitted ids' requests, polled as one stream of outcomes. Behind a trait object
+/// because a request's future has a type that cannot be written down: this way each
+/// one lives in its `FuturesUnordered` node, one allocation per id, where a boxed
+/// future would be a second one and a pointer to follow on every poll.
+trait Requests<Id, T>: Send {
+    fn push(&mut self, seq: u64, id: Id, start: Start);
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Done<Id, T>>>;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
-type Request<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
-
-enum State<T> {
-    Request(Request<T>),
-    /// Decided without a request (nothing sent), or the request's outcome already taken.
-    Decided(Option<Error>),
+struct InFlight<Id, F> {
+    futures: FuturesUnordered<F>,
+    make: fn(u64, Id, Start) -> F,
 }
 
-// No field is structurally pinned: the request is boxed, and `id` is only moved out.
-impl<Id, T> Unpin for Running<Id, T> {}
+impl<Id, T, F> Requests<Id, T> for InFlight<Id, F>
+where
+    Id: Send,
+    F: Future<Output = Done<Id, T>> + Send,
+{
+    fn push(&mut self, seq: u64, id: Id, start: Start) {
+        self.futures.push((self.make)(seq, id, start));
+    }
 
-impl<Id: Display, T> Future for Running<Id, T> {
-    type Output = Done<Id, T>;
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Done<Id, T>>> {
+        self.futures.poll_next_unpin(cx)
+    }
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let result = match &mut self.state {
-            State::Request(request) => {
-                // A panic in a request (in `T`'s `Deserialize`, say) fails that id alone.
-                let result = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    request.as_mut().poll(cx)
-                })) {
-                    Ok(Poll::Pending) => return Poll::Pending,
-                    Ok(Poll::Ready(result)) => result,
-                    Err(payload) => Err(panic_error(payload)),
-                };
-                self.state = State::Decided(None);
-                result
-            }
-            State::Decided(err) => Err(err
-                .take()
-                .unwrap_or_else(|| Error::new(ErrorKind::Runtime, "outcome already taken"))),
-        };
-        let seq = self.seq;
-        let Some(id) = self.id.take() else {
-            // FuturesUnordered never polls a future again after it completed.
-            return Poll::Pending;
-        };
-        // Errors from the request and from rendering name their id already. Naming it
-        // here (a panic in the request, an id whose `Display` failed) runs the id's
-        // `Display`, perhaps in the keeper: a panic there leaves the error unnamed.
-        let result = result.map_err(|err| {
-            if err.id().is_some() {
-                return err;
-            }
-            let text = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                let mut text = String::new();
-                write!(text, "{id}").ok().map(|()| text)
-            }));
-            match text {
-                Ok(Some(text)) => err.with_id_text(text),
-                Ok(None) | Err(_) => err,
-            }
-        });
-        Poll::Ready(Done { seq, id, result })
+    fn len(&self) -> usize {
+        self.futures.len()
+    }
+}
+
+/// The set of requests whose futures `make` makes.
+fn requests<Id, T, F>(make: fn(u64, Id, Start) -> F) -> Box<dyn Requests<Id, T>>
+where
+    Id: Send + 'static,
+    T: 'static,
+    F: Future<Output = Done<Id, T>> + Send + 'static,
+{
+    Box::new(InFlight {
+        futures: FuturesUnordered::new(),
+        make,
+    })
+}
+
+/// One admitted id, from its request (if it has one) to its outcome. Dropping it
+/// cancels the request.
+///
+/// Combinators rather than an `async` block, which would keep room for `start` beside
+/// the request it became.
+fn request<Id, T>(seq: u64, id: Id, start: Start) -> impl Future<Output = Done<Id, T>> + Send
+where
+    Id: Display + Send + 'static,
+    T: DeserializeOwned + Send + 'static,
+{
+    match start {
+        // A panic in a request (in `T`'s `Deserialize`, say) fails that id alone.
+        Ok((scope, id_text, url)) => Either::Left(
+            AssertUnwindSafe(fetch::<T>(scope, id_text, url))
+                .catch_unwind()
+                .map(move |caught| {
+                    let result = caught.unwrap_or_else(|payload| Err(panic_error(payload)));
+                    Done {
+                        seq,
+                        result: result.map_err(|err| named(err, &id)),
+                        id,
+                    }
+                }),
+        ),
+        Err(err) => Either::Right(ready(Done {
+            seq,
+            result: Err(named(err, &id)),
+            id,
+        })),
+    }
+}
+
+/// Errors from the request and from rendering name their id already. Naming it here (a
+/// panic in the request, an id whose `Display` failed) runs the id's `Display`, perhaps
+/// in the keeper: a panic there leaves the error unnamed.
+fn named(err: Error, id: &impl Display) -> Error {
+    if err.id().is_some() {
+        return err;
+    }
+    let text = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut text = String::new();
+        write!(text, "{id}").ok().map(|()| text)
+    }));
+    match text {
+        Ok(Some(text)) => err.with_id_text(text),
+        Ok(None) | Err(_) => err,
     }
 }
 
