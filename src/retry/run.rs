@@ -281,10 +281,10 @@ mod tests {
     use super::*;
     use crate::FanOut;
 
-    /// An id's two boxes, its retry loop and the attempt in flight, stay small: they
-    /// were 952 and 752 bytes while values no longer needed kept their room, and every
-    /// byte is copied into its box and touched again per request. The bound leaves
-    /// room for compilers to lay them out differently, not for that.
+    /// An id's retry loop and the attempt in flight stay small: they were 952 and 752
+    /// bytes while values no longer needed kept their room, and every byte is copied
+    /// into its allocation and touched again per request. The bound leaves room for
+    /// compilers to lay them out differently, not for that.
     #[test]
     fn an_ids_futures_stay_small() {
         let fan = FanOut::<u64, serde_json::Value>::builder()
