@@ -275,36 +275,3 @@ fn timed_out(shared: &Shared, url: &Url) -> Failure {
 fn seconds(duration: Duration) -> String {
     format!("{} s", duration.as_secs_f64())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::FanOut;
-
-    /// An id's retry loop and the attempt in flight stay small: they were 952 and 752
-    /// bytes while values no longer needed kept their room, and every byte is copied
-    /// into its allocation and touched again per request. The bound leaves room for
-    /// compilers to lay them out differently, not for that.
-    #[test]
-    fn an_ids_futures_stay_small() {
-        let fan = FanOut::<u64, serde_json::Value>::builder()
-            .detail_url("http://127.0.0.1:9/items/{id}")
-            .build()
-            .unwrap();
-        let shared = Arc::clone(fan.shared());
-        let url = Url::parse("http://127.0.0.1:9/items/1").unwrap();
-        let id =
-            fetch::<serde_json::Value>(Scope::new(Arc::clone(&shared)), "1".into(), url.clone());
-        let attempt = send(&shared, url);
-        assert!(
-            size_of_val(&id) <= 640,
-            "the id's future is {} bytes",
-            size_of_val(&id)
-        );
-        assert!(
-            size_of_val(&attempt) <= 640,
-            "the attempt's future is {} bytes",
-            size_of_val(&attempt)
-        );
-    }
-}
