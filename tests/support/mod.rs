@@ -5,6 +5,8 @@
 //! (or the client goes away), which wiremock's synchronous responders cannot.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod chaos;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
