@@ -105,6 +105,9 @@
 //! [`try_collect_ordered`](Batch::try_collect_ordered),
 //! [`as_completed`](Batch::as_completed) and [`in_order`](Batch::in_order).
 #![forbid(unsafe_code)]
+// Nothing a server or a caller sends may panic the crate: no unwrap or expect outside
+// tests (clippy.toml allows them there).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![warn(
     missing_docs,
     missing_debug_implementations,

@@ -137,6 +137,10 @@ pub struct Visit {
 
 #[derive(Default)]
 struct Record {
+    /// Off for memory measurements: then only the counters grow, and every request is
+    /// attempt 0.
+    keep_visits: bool,
+    requests: AtomicU64,
     visits: Mutex<Vec<Visit>>,
     attempts: Mutex<HashMap<String, u32>>,
     in_flight: AtomicUsize,
@@ -153,7 +157,7 @@ pub struct ChaosServer {
 impl ChaosServer {
     /// Every request answered by `script(id, attempt)`.
     pub fn scripted(script: impl Fn(&str, u32) -> Fault + Send + Sync + 'static) -> Self {
-        Self::start(Arc::new(script))
+        Self::start(Arc::new(script), true)
     }
 
     /// Every request answered by the mix.
@@ -166,8 +170,18 @@ impl ChaosServer {
         Self::scripted(move |_, _| fault.clone())
     }
 
-    fn start(script: Arc<Script>) -> Self {
-        let record = Arc::new(Record::default());
+    /// Like [`scripted`](Self::scripted), but keeps no record of each request, only
+    /// the counts: for measuring the client's memory, which the record would swamp.
+    /// The script always sees attempt 0.
+    pub fn unrecorded(script: impl Fn(&str, u32) -> Fault + Send + Sync + 'static) -> Self {
+        Self::start(Arc::new(script), false)
+    }
+
+    fn start(script: Arc<Script>, keep_visits: bool) -> Self {
+        let record = Arc::new(Record {
+            keep_visits,
+            ..Record::default()
+        });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let addr = listener.local_addr().expect("local address");
         listener
@@ -227,6 +241,11 @@ impl ChaosServer {
             visits.sort_by_key(|visit| visit.attempt);
         }
         by_id
+    }
+
+    /// How many requests arrived, recorded or not.
+    pub fn requests(&self) -> u64 {
+        self.record.requests.load(Ordering::SeqCst)
     }
 
     /// Requests whose handler or response body is still running.
@@ -308,6 +327,12 @@ async fn answer(
     record: Arc<Record>,
 ) -> Result<Response<Body>, Broken> {
     let guard = InFlight::enter(&record);
+    record.requests.fetch_add(1, Ordering::SeqCst);
+    if !record.keep_visits {
+        let id = request.uri().path().rsplit('/').next().unwrap_or_default();
+        let fault = script(id, 0);
+        return respond_with(fault, id, &record, guard).await;
+    }
     let path = request.uri().path().to_owned();
     let query = request.uri().query().map(str::to_owned);
     let last = path.rsplit('/').next().unwrap_or_default();
@@ -338,7 +363,15 @@ async fn answer(
             .get(AUTHORIZATION)
             .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned()),
     });
+    respond_with(fault, &id, &record, guard).await
+}
 
+async fn respond_with(
+    fault: Fault,
+    id: &str,
+    record: &Arc<Record>,
+    guard: InFlight,
+) -> Result<Response<Body>, Broken> {
     let json = || serde_json::json!({ "id": id }).to_string();
     let (status, body, length) = match fault {
         Fault::Fine => (200, once(json()), None),
@@ -349,7 +382,7 @@ async fn answer(
         ),
         Fault::TooMany { retry_after } => {
             let body = once("{\"error\":\"slow down\"}".to_owned());
-            let response = respond(429, body, None, &record, guard).map(|mut response| {
+            let response = respond(429, body, None, record, guard).map(|mut response| {
                 response
                     .headers_mut()
                     .insert(RETRY_AFTER, retry_after.into());
@@ -389,11 +422,11 @@ async fn answer(
             (200, Box::pin(chunks) as Chunks, None)
         }
         Fault::RedirectLoop => {
-            return redirect("/loop/1".to_owned(), &record, guard);
+            return redirect("/loop/1".to_owned(), record, guard);
         }
-        Fault::RedirectTo(location) => return redirect(location, &record, guard),
+        Fault::RedirectTo(location) => return redirect(location, record, guard),
     };
-    respond(status, body, length, &record, guard)
+    respond(status, body, length, record, guard)
 }
 
 fn once(text: String) -> Chunks {
