@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use governor::Quota;
 
-use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, COOKIE, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHORIZATION,
+};
 use tokio::sync::Semaphore;
 use url::Url;
 
@@ -302,6 +304,11 @@ impl<Id, T> FanOutBuilder<Id, T> {
 
     /// Adds a header to every request. Repeating a name sends it more than once.
     ///
+    /// Values of `Authorization`, `Proxy-Authorization` and `Cookie` are marked
+    /// sensitive, as [`bearer_auth`](Self::bearer_auth)'s is. No header value is
+    /// shown in `Debug` output or errors, only header names: a custom header such as
+    /// `X-Api-Key` is safe to log the builder with too.
+    ///
     /// Default: only `Accept: application/json` (replaced if you set `Accept`).
     pub fn header<V>(mut self, name: impl AsRef<str>, value: V) -> Self
     where
@@ -318,7 +325,10 @@ impl<Id, T> FanOutBuilder<Id, T> {
             }
         };
         match value.try_into() {
-            Ok(value) => {
+            Ok(mut value) => {
+                if [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE].contains(&name) {
+                    value.set_sensitive(true);
+                }
                 self.headers.append(name, value);
                 self
             }
@@ -557,9 +567,18 @@ impl<Id, T> fmt::Debug for FanOutBuilder<Id, T> {
             .field("deadline", &self.deadline)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("reorder_window", &self.reorder_window)
-            // HeaderMap's Debug prints sensitive values as `Sensitive`.
-            .field("headers", &self.headers)
+            // Names only: any header may carry a secret.
+            .field("headers", &HeaderNames(&self.headers))
             .field("query", &self.query.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// A header map's names, for `Debug` output that shows no value.
+struct HeaderNames<'a>(&'a HeaderMap);
+
+impl fmt::Debug for HeaderNames<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
     }
 }
