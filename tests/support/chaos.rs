@@ -273,6 +273,8 @@ impl Drop for ChaosServer {
 async fn accept(listener: tokio::net::TcpListener, script: Arc<Script>, record: Arc<Record>) {
     loop {
         let Ok((socket, _)) = listener.accept().await else {
+            // Out of file descriptors, say: wait for some to close.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let script = Arc::clone(&script);
