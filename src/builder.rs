@@ -19,7 +19,7 @@ use crate::fanout::{FanOut, Shared};
 use crate::list::{ListSettings, Pagination};
 use crate::rate::{RateLimiter, Throttle};
 use crate::retry::RetryPolicy;
-use crate::template::UrlTemplate;
+use crate::template::{UrlTemplate, redact_userinfo};
 
 const DEFAULT_CONCURRENCY: usize = 16;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -309,6 +309,12 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// shown in `Debug` output or errors, only header names: a custom header such as
     /// `X-Api-Key` is safe to log the builder with too.
     ///
+    /// A redirect to another host would carry a custom header along (only
+    /// credentials are dropped there), so with any header other than those set, the
+    /// default client does not follow redirects to another host: such an id fails
+    /// with its 3xx status, saying where the redirect led. To follow them anyway, pass
+    /// a [`client`](Self::client) of your own, whose redirect policy applies.
+    ///
     /// Default: only `Accept: application/json` (replaced if you set `Accept`).
     pub fn header<V>(mut self, name: impl AsRef<str>, value: V) -> Self
     where
@@ -335,7 +341,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
             // The value is not echoed: headers often carry secrets.
             Err(err) => self.header_failed(format!(
                 "the value of header `{name}` is not valid ({err}); header values are \
-                 visible ASCII without control characters or line breaks"
+                 printable ASCII without control characters or line breaks"
             )),
         }
     }
@@ -352,8 +358,8 @@ impl<Id, T> FanOutBuilder<Id, T> {
                 self
             }
             Err(_) => self.header_failed(
-                "the bearer token is not a valid header value; it must be visible ASCII \
-                 without spaces, control characters or line breaks"
+                "the bearer token is not a valid header value; it must be printable ASCII \
+                 without control characters or line breaks"
                     .to_owned(),
             ),
         }
@@ -472,6 +478,10 @@ impl<Id, T> FanOutBuilder<Id, T> {
                 // from a `&str` would be a reference count that every one of those
                 // copies and the worker threads dropping them contend on.
                 .user_agent(HeaderValue::from_static(USER_AGENT))
+                .redirect(redirect_policy(&headers))
+                // A Referer would carry the URL, query parameters included, to
+                // wherever a redirect leads.
+                .referer(false)
                 .default_headers(std::mem::take(&mut headers))
                 .build()
                 .map_err(|err| {
@@ -498,11 +508,16 @@ impl<Id, T> FanOutBuilder<Id, T> {
 
     fn list_settings(&self, url: &str) -> Result<ListSettings, Error> {
         let invalid = |message: String| Error::new(ErrorKind::InvalidTemplate, message);
-        let parsed = Url::parse(url)
-            .map_err(|err| invalid(format!("the list URL {url:?} is not a valid URL ({err})")))?;
+        // Quoted without any password it may carry.
+        let quoted = redact_userinfo(url);
+        let parsed = Url::parse(url).map_err(|err| {
+            invalid(format!(
+                "the list URL {quoted:?} is not a valid URL ({err})"
+            ))
+        })?;
         if !matches!(parsed.scheme(), "http" | "https") || !parsed.has_host() {
             return Err(invalid(format!(
-                "the list URL {url:?} must be an http or https URL with a host"
+                "the list URL {quoted:?} must be an http or https URL with a host"
             )));
         }
         if !parsed.username().is_empty() || parsed.password().is_some() {
@@ -531,6 +546,43 @@ impl<Id, T> FanOutBuilder<Id, T> {
             max_pages: self.max_pages,
         })
     }
+}
+
+/// The most redirects followed for one request, as reqwest's default policy.
+const MAX_REDIRECTS: usize = 10;
+
+/// Headers that may follow a redirect to another host: `Accept` tells nothing, and
+/// reqwest removes the credentials itself.
+const HARMLESS_ACROSS_HOSTS: [HeaderName; 4] = [ACCEPT, AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE];
+
+/// reqwest's default policy (up to 10 redirects), except that when a header set with
+/// `header()` would go along (reqwest forwards all but credentials, and such a header
+/// may hold an API key), a redirect to another host is not followed: its 3xx answer
+/// becomes the id's error. An upgrade from http to https on the same host is followed.
+fn redirect_policy(headers: &HeaderMap) -> reqwest::redirect::Policy {
+    use reqwest::redirect::Policy;
+    if headers
+        .keys()
+        .all(|name| HARMLESS_ACROSS_HOSTS.contains(name))
+    {
+        return Policy::limited(MAX_REDIRECTS);
+    }
+    Policy::custom(|attempt| {
+        let same_host = attempt.previous().first().is_none_or(|first| {
+            let next = attempt.url();
+            let upgrade = first.scheme() == "http" && next.scheme() == "https";
+            next.host_str() == first.host_str()
+                && (next.port_or_known_default() == first.port_or_known_default()
+                    || (upgrade && first.port().is_none() && next.port().is_none()))
+        });
+        if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error("too many redirects")
+        } else if same_host {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
 }
 
 /// Where the rate limit comes from.

@@ -1,7 +1,7 @@
 //! One attempt: take a slot and a token, send, read the body under the size cap, decode.
 
 use bytes::{Bytes, BytesMut};
-use reqwest::header::HeaderMap;
+use reqwest::header::{HeaderMap, LOCATION};
 use reqwest::{Method, Response};
 use serde::de::DeserializeOwned;
 use tokio::sync::SemaphorePermit;
@@ -115,9 +115,18 @@ pub(crate) async fn send(shared: &Shared, url: Url) -> Result<Answer, Failure> {
     let status = response.status();
     if !status.is_success() {
         let body = read_prefix(&mut response, shared.max_body_bytes.min(ERROR_BODY_BYTES)).await;
-        let error = Error::request(ErrorKind::Status, response.url().clone(), "")
+        let mut error = Error::request(ErrorKind::Status, response.url().clone(), "")
             .with_status(status)
             .with_body(&body);
+        if status.is_redirection()
+            && let Some(location) = response.headers().get(LOCATION)
+        {
+            let location = String::from_utf8_lossy(location.as_bytes());
+            error = error.with_note(format!(
+                "the redirect to {location:?} was not followed (the client's redirect \
+                 policy stopped it; see FanOutBuilder::header)"
+            ));
+        }
         return Err(Failure {
             error,
             headers: Some(std::mem::take(response.headers_mut())),

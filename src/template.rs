@@ -309,23 +309,28 @@ fn invalid(template: &str, why: &str) -> Error {
     )
 }
 
-/// The template with any `user:password@` before the host replaced by `***@`, for
-/// quoting in errors.
-fn redact_userinfo(template: &str) -> std::borrow::Cow<'_, str> {
-    let Some(scheme_end) = template.find("://").map(|i| i + 3) else {
-        return template.into();
+/// `url` with any `user:password@` before the host replaced by `***@`, for quoting in
+/// errors. Finds the user info wherever a URL parser would: after `scheme:` (if any)
+/// and any run of `/` or `\` (`http://u:p@h`, but also `http:u:p@h`, `http:\\u:p@h`
+/// and `//u:p@h`), up to the first `/`, `\`, `?` or `#`.
+pub(crate) fn redact_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let is_scheme = |scheme: &str| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
     };
-    let authority_end = template[scheme_end..]
-        .find(['/', '?', '#'])
-        .map_or(template.len(), |i| scheme_end + i);
-    match template[scheme_end..authority_end].rfind('@') {
-        Some(at) => format!(
-            "{}***{}",
-            &template[..scheme_end],
-            &template[scheme_end + at..]
-        )
-        .into(),
-        None => template.into(),
+    let after_scheme = match url.find(':').filter(|&at| is_scheme(&url[..at])) {
+        Some(colon) => &url[colon + 1..],
+        None => url,
+    };
+    let start = url.len() - after_scheme.trim_start_matches(['/', '\\']).len();
+    let end = url[start..]
+        .find(['/', '\\', '?', '#'])
+        .map_or(url.len(), |at| start + at);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]).into(),
+        None => url.into(),
     }
 }
 
