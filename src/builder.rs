@@ -311,7 +311,8 @@ impl<Id, T> FanOutBuilder<Id, T> {
     ///
     /// A redirect to another host would carry a custom header along (only
     /// credentials are dropped there), so with any header other than those set, the
-    /// default client does not follow redirects to another host: such an id fails
+    /// default client follows a redirect only on the same host name, scheme and port
+    /// (or from http to https on the same host name); for any other, the id fails
     /// with its 3xx status, saying where the redirect led. To follow them anyway, pass
     /// a [`client`](Self::client) of your own, whose redirect policy applies.
     ///
@@ -468,6 +469,10 @@ impl<Id, T> FanOutBuilder<Id, T> {
         if !headers.contains_key(ACCEPT) {
             headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         }
+        let redirects_stay_on_host = self.client.is_none()
+            && !headers
+                .keys()
+                .all(|name| HARMLESS_ACROSS_HOSTS.contains(name));
         let client = match self.client {
             Some(client) => client,
             // A client of our own sends the headers by default: cheaper than copying
@@ -478,7 +483,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
                 // from a `&str` would be a reference count that every one of those
                 // copies and the worker threads dropping them contend on.
                 .user_agent(HeaderValue::from_static(USER_AGENT))
-                .redirect(redirect_policy(&headers))
+                .redirect(redirect_policy(redirects_stay_on_host))
                 // A Referer would carry the URL, query parameters included, to
                 // wherever a redirect leads.
                 .referer(false)
@@ -503,6 +508,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
             slots: Semaphore::new(self.concurrency),
             list,
             dedup_ids: self.dedup_ids,
+            redirects_stay_on_host,
         })))
     }
 
@@ -555,26 +561,21 @@ const MAX_REDIRECTS: usize = 10;
 /// reqwest removes the credentials itself.
 const HARMLESS_ACROSS_HOSTS: [HeaderName; 4] = [ACCEPT, AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE];
 
-/// reqwest's default policy (up to 10 redirects), except that when a header set with
+/// reqwest's default policy (up to 10 redirects), or, when a header set with
 /// `header()` would go along (reqwest forwards all but credentials, and such a header
-/// may hold an API key), a redirect to another host is not followed: its 3xx answer
-/// becomes the id's error. An upgrade from http to https on the same host is followed.
-fn redirect_policy(headers: &HeaderMap) -> reqwest::redirect::Policy {
+/// may hold an API key), the same but only on the first URL's host and port. An
+/// upgrade from http to https on the same host (default ports) is followed; any other
+/// change of scheme is not.
+fn redirect_policy(stay_on_host: bool) -> reqwest::redirect::Policy {
     use reqwest::redirect::Policy;
-    if headers
-        .keys()
-        .all(|name| HARMLESS_ACROSS_HOSTS.contains(name))
-    {
+    if !stay_on_host {
         return Policy::limited(MAX_REDIRECTS);
     }
     Policy::custom(|attempt| {
-        let same_host = attempt.previous().first().is_none_or(|first| {
-            let next = attempt.url();
-            let upgrade = first.scheme() == "http" && next.scheme() == "https";
-            next.host_str() == first.host_str()
-                && (next.port_or_known_default() == first.port_or_known_default()
-                    || (upgrade && first.port().is_none() && next.port().is_none()))
-        });
+        let same_host = attempt
+            .previous()
+            .first()
+            .is_none_or(|first| stays_on_host(first, attempt.url()));
         if attempt.previous().len() > MAX_REDIRECTS {
             attempt.error("too many redirects")
         } else if same_host {
@@ -583,6 +584,17 @@ fn redirect_policy(headers: &HeaderMap) -> reqwest::redirect::Policy {
             attempt.stop()
         }
     })
+}
+
+/// Whether a redirect from `first` to `next` stays on its host: the same host, scheme
+/// and port, or an upgrade from http to https on the default ports.
+fn stays_on_host(first: &Url, next: &Url) -> bool {
+    let upgrade = first.scheme() == "http"
+        && next.scheme() == "https"
+        && first.port().is_none()
+        && next.port().is_none();
+    next.host_str() == first.host_str()
+        && ((next.scheme() == first.scheme() && next.port() == first.port()) || upgrade)
 }
 
 /// Where the rate limit comes from.
@@ -632,5 +644,26 @@ struct HeaderNames<'a>(&'a HeaderMap);
 impl fmt::Debug for HeaderNames<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redirect_stays_on_host_only_on_the_same_host_scheme_and_port() {
+        let stays = |from: &str, to: &str| {
+            stays_on_host(&Url::parse(from).unwrap(), &Url::parse(to).unwrap())
+        };
+        assert!(stays("http://api.test/a", "http://API.test:80/b"));
+        assert!(stays("http://api.test/a", "https://api.test/b"));
+        assert!(stays("https://[::1]:8443/a", "https://[0:0::1]:8443/b"));
+        assert!(!stays("http://api.test/a", "http://api.test:8080/b"));
+        assert!(!stays("http://api.test:8080/a", "https://api.test:8080/b"));
+        assert!(!stays("https://api.test/a", "http://api.test/b"));
+        assert!(!stays("https://api.test:8443/a", "http://api.test:8443/b"));
+        assert!(!stays("http://127.0.0.1:8080/a", "http://localhost:8080/b"));
+        assert!(!stays("http://api.test/a", "http://api.test.evil.test/b"));
     }
 }

@@ -56,6 +56,9 @@ pub(crate) struct Shared {
     pub(crate) list: Option<ListSettings>,
     /// Drop ids seen before in the same batch or listing.
     pub(crate) dedup_ids: bool,
+    /// The client is fanout's own and does not follow redirects to another host,
+    /// because a header set with `header()` would go along.
+    pub(crate) redirects_stay_on_host: bool,
 }
 
 impl<Id, T> FanOut<Id, T> {

@@ -309,28 +309,36 @@ fn invalid(template: &str, why: &str) -> Error {
     )
 }
 
-/// `url` with any `user:password@` before the host replaced by `***@`, for quoting in
-/// errors. Finds the user info wherever a URL parser would: after `scheme:` (if any)
-/// and any run of `/` or `\` (`http://u:p@h`, but also `http:u:p@h`, `http:\\u:p@h`
-/// and `//u:p@h`), up to the first `/`, `\`, `?` or `#`.
+/// `url` with any `user:password@` replaced by `***@`, for quoting in errors.
+///
+/// Errs on the side of hiding: a password may hold `/`, `#` or `?` (unencoded, which
+/// makes the URL invalid, and so quoted in an error), so everything from the start of
+/// the authority (after `scheme:` and any `/` or `\`) to the last `@` is hidden.
+/// Tabs, line breaks and surrounding spaces, which a URL parser ignores, are dropped
+/// first, so that they cannot hide the scheme.
 pub(crate) fn redact_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    if !url.contains('@') {
+        return url.into();
+    }
+    let cleaned: String = url
+        .trim_matches(|c: char| c <= ' ')
+        .chars()
+        .filter(|c| !matches!(c, '\t' | '\r' | '\n'))
+        .collect();
     let is_scheme = |scheme: &str| {
         scheme.starts_with(|c: char| c.is_ascii_alphabetic())
             && scheme
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
     };
-    let after_scheme = match url.find(':').filter(|&at| is_scheme(&url[..at])) {
-        Some(colon) => &url[colon + 1..],
-        None => url,
+    let after_scheme = match cleaned.find(':').filter(|&at| is_scheme(&cleaned[..at])) {
+        Some(colon) => &cleaned[colon + 1..],
+        None => &cleaned[..],
     };
-    let start = url.len() - after_scheme.trim_start_matches(['/', '\\']).len();
-    let end = url[start..]
-        .find(['/', '\\', '?', '#'])
-        .map_or(url.len(), |at| start + at);
-    match url[start..end].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]).into(),
-        None => url.into(),
+    let start = cleaned.len() - after_scheme.trim_start_matches(['/', '\\']).len();
+    match cleaned[start..].rfind('@') {
+        Some(at) => format!("{}***{}", &cleaned[..start], &cleaned[start + at..]).into(),
+        None => cleaned.into(),
     }
 }
 

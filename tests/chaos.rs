@@ -16,9 +16,11 @@ use support::chaos::{ChaosServer, Fault, Mix, Visit};
 const IDS: u32 = 20_000;
 const CONCURRENCY: usize = 64;
 const RETRIES: u32 = 5;
-/// Per attempt: long enough that no healthy answer on a busy test machine runs into it.
-const TIMEOUT: Duration = Duration::from_secs(1);
-const SLOW: Duration = Duration::from_millis(1500);
+/// Per attempt: long enough that no healthy answer on a busy test machine runs into it
+/// (one that did would be retried, and the server's record would disagree with the
+/// plan).
+const TIMEOUT: Duration = Duration::from_millis(2500);
+const SLOW: Duration = Duration::from_secs(10);
 
 fn quick_retries(max_retries: u32) -> RetryPolicy {
     RetryPolicy::exponential()
@@ -93,7 +95,12 @@ async fn each_fault_ends_in_its_error_kind_retried_only_when_transient() {
     ];
     for fault in faults {
         let server = ChaosServer::always(fault.clone());
-        let fan = client(&server, quick_retries(2), Duration::from_millis(300));
+        // Only the slow answer should run into the timeout.
+        let timeout = match fault {
+            Fault::Slow(_) => Duration::from_millis(300),
+            _ => Duration::from_secs(10),
+        };
+        let fan = client(&server, quick_retries(2), timeout);
         let result = fan.fan_out([7]).collect_ordered().await.remove(0);
         let attempts = if fault.is_transient() { 3 } else { 1 };
         assert_outcome("7", &result, &fault, attempts);
@@ -244,6 +251,7 @@ fn chaos(seed: u64) -> (ChaosServer, FanOut<u32, Item>) {
 async fn collect_ordered_gives_every_id_exactly_one_outcome_under_faults() {
     let (server, fan) = chaos(1);
     let results = fan.fan_out(0..IDS).collect_ordered().await;
+    assert_eq!(results.len(), IDS as usize);
     let outcomes: Vec<_> = (0..IDS).zip(results).collect();
     check_against_record(&server, &plan(1), &outcomes);
 }

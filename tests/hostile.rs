@@ -538,13 +538,18 @@ fn no_template_makes_build_panic_and_a_built_one_only_substitutes_the_encoded_id
     });
 }
 
-/// A password no error message may quote.
-const PASSWORD: &str = "pw5ecretXY";
+/// The two halves of a password no error message may quote any part of. Between them
+/// goes one of [`PASSWORD_SEPARATORS`]: characters that end the authority where they
+/// stand unencoded, and so make the URL invalid and quoted.
+const PASSWORD: [&str; 2] = ["pw5ecr", "etXY"];
+const PASSWORD_SEPARATORS: [&str; 7] = ["", "#", "/", "?", "\\", "@", "%"];
 
 /// Forms of `scheme` + `user:password@`: the URL parser reads user info from all of
-/// them, with or without `//`.
+/// them, with or without `//`, and ignores the tabs, line breaks and surrounding
+/// spaces that some of them carry.
 fn template_with_credentials() -> impl Strategy<Value = String> {
     (
+        select(vec!["", " ", "\t", "\n "]),
         select(vec![
             "http://",
             "https://",
@@ -553,15 +558,32 @@ fn template_with_credentials() -> impl Strategy<Value = String> {
             "http:///",
             "http:\\\\",
             "HTTPS:/\\",
+            "ht\ttp://",
+            "http:\t//",
             "ftp://",
             "ws://",
         ]),
+        select(PASSWORD_SEPARATORS.to_vec()),
         select(vec!["h.test", "[::1", "h.test:99999", "h.test:x", ""]),
         vec(select(REST_PIECES), 0..6),
     )
-        .prop_map(|(scheme, host, rest)| {
-            format!("{scheme}user:{PASSWORD}@{host}/{}", rest.concat())
+        .prop_map(|(space, scheme, separator, host, rest)| {
+            let [head, tail] = PASSWORD;
+            format!(
+                "{space}{scheme}user:{head}{separator}{tail}@{host}/{}",
+                rest.concat()
+            )
         })
+}
+
+/// Neither half of the password is in any of `texts`.
+fn password_hidden(url: &str, texts: &[String]) -> Check {
+    for text in texts {
+        for half in PASSWORD {
+            prop_assert!(!text.contains(half), "{:?} gave {}", url, text);
+        }
+    }
+    Ok(())
 }
 
 #[test]
@@ -572,10 +594,7 @@ fn template_errors_never_quote_a_password() {
             .build()
             .expect_err("a template with user info is refused");
         prop_assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
-        for text in [err.to_string(), format!("{err:?}")] {
-            prop_assert!(!text.contains(PASSWORD), "{:?} gave {}", template, text);
-        }
-        Ok(())
+        password_hidden(&template, &[err.to_string(), format!("{err:?}")])
     });
 }
 
@@ -588,10 +607,7 @@ fn list_url_errors_never_quote_a_password() {
             .build()
             .expect_err("a list URL with user info is refused");
         prop_assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
-        for text in [err.to_string(), format!("{err:?}")] {
-            prop_assert!(!text.contains(PASSWORD), "{:?} gave {}", list_url, text);
-        }
-        Ok(())
+        password_hidden(&list_url, &[err.to_string(), format!("{err:?}")])
     });
 }
 
@@ -801,48 +817,77 @@ async fn a_custom_header_never_follows_a_redirect_to_another_host() {
         .respond_with(support::echo_id)
         .mount(&elsewhere)
         .await;
-    let target = format!("{}/items/7", elsewhere.uri());
-    let origin = ChaosServer::always(Fault::RedirectTo(target.clone()));
-    let fan = FanOut::<String, Item>::builder()
-        .detail_url(&origin.template())
-        .header("x-api-key", SECRET)
-        .retry(RetryPolicy::none())
-        .build()
-        .unwrap();
-    let err = fan
-        .fan_out(["7".to_owned()])
-        .try_collect_ordered()
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Status, "{err}");
-    assert_eq!(err.status().map(|s| s.as_u16()), Some(302));
-    assert!(
-        err.to_string()
-            .contains(&format!("{target:?} was not followed")),
-        "{err}"
-    );
-    assert_hidden("the error", &err.to_string());
+    let other_port = format!("{}/items/7", elsewhere.uri());
+    // The same port under another name is another host too; the port is known once
+    // the server runs.
+    let other_name = Arc::new(std::sync::OnceLock::<String>::new());
+    let origin = ChaosServer::scripted({
+        let (other_port, other_name) = (other_port.clone(), Arc::clone(&other_name));
+        move |id, _| match id {
+            "7" => Fault::RedirectTo(other_port.clone()),
+            _ => Fault::RedirectTo(other_name.get().cloned().unwrap_or_default()),
+        }
+    });
+    let localhost = format!("http://localhost:{}/items/8", origin.addr.port());
+    other_name.set(localhost.clone()).unwrap();
+    let fan = with_api_key(&origin.template());
+    for (id, target) in [("7", other_port), ("8", localhost)] {
+        let err = fan
+            .fan_out([id.to_owned()])
+            .try_collect_ordered()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Status, "{err}");
+        assert_eq!(err.status().map(|s| s.as_u16()), Some(302));
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("{target:?} was not followed")),
+            "{text}"
+        );
+        assert!(text.contains("FanOutBuilder::header"), "{text}");
+        assert_hidden("the error", &text);
+    }
     assert!(elsewhere.received_requests().await.unwrap().is_empty());
+    let paths: Vec<String> = origin
+        .visits()
+        .into_iter()
+        .map(|visit| visit.path)
+        .collect();
+    assert_eq!(paths, ["/items/7", "/items/8"]);
 }
 
 #[tokio::test]
-async fn a_custom_header_follows_a_redirect_on_the_same_host() {
+async fn a_custom_header_follows_a_redirect_on_the_same_host_without_a_referer() {
     let server = ChaosServer::scripted(|id, _| match id {
         "7" => Fault::RedirectTo("/moved/seven".to_owned()),
         _ => Fault::Fine,
     });
-    let fan = FanOut::<String, Item>::builder()
-        .detail_url(&server.template())
-        .header("x-api-key", SECRET)
-        .retry(RetryPolicy::none())
-        .build()
-        .unwrap();
-    let items = fan
+    let items = with_api_key(&server.template())
         .fan_out(["7".to_owned()])
         .try_collect_ordered()
         .await
         .unwrap();
     assert_eq!(items[0].id, "seven");
+    let visits = server.visits();
+    assert_eq!(visits.len(), 2);
+    for visit in &visits {
+        assert_eq!(visit.headers["x-api-key"], SECRET, "{}", visit.path);
+        assert!(
+            !visit.headers.contains_key("referer"),
+            "{:?}",
+            visit.headers
+        );
+    }
+}
+
+/// A `FanOut` sending the secret in a custom header.
+fn with_api_key(template: &str) -> FanOut<String, Item> {
+    FanOut::builder()
+        .detail_url(template)
+        .header("x-api-key", SECRET)
+        .retry(RetryPolicy::none())
+        .build()
+        .unwrap()
 }
 
 #[track_caller]
@@ -913,18 +958,21 @@ fn faulty_server() -> ChaosServer {
 /// A `FanOut` carrying the secret as a bearer token and as an API-key header, retrying
 /// quickly.
 fn with_secrets(template: &str) -> FanOut<String, Item> {
+    secrets_builder(template).build().unwrap()
+}
+
+fn secrets_builder(template: &str) -> FanOutBuilder<String, Item> {
     FanOut::builder()
         .detail_url(template)
         .bearer_auth(SECRET)
         .header("X-Api-Key", SECRET)
-        .timeout(Duration::from_millis(300))
+        // Long enough for any answer but the one that never comes.
+        .timeout(Duration::from_secs(1))
         .retry(
             RetryPolicy::exponential()
                 .max_retries(1)
                 .initial_delay(Duration::from_millis(1)),
         )
-        .build()
-        .unwrap()
 }
 
 #[test]
@@ -982,17 +1030,8 @@ fn a_bearer_token_never_shows_in_trace_logs_of_a_run_with_retries_and_failures()
     tracing::subscriber::with_default(subscriber, || {
         let runtime = runtime();
         let template = server.template();
-        let fan = FanOut::<String, Item>::builder()
+        let fan = secrets_builder(&template)
             .list_url(&server.url("/list"))
-            .detail_url(&template)
-            .bearer_auth(SECRET)
-            .header("X-Api-Key", SECRET)
-            .timeout(Duration::from_millis(300))
-            .retry(
-                RetryPolicy::exponential()
-                    .max_retries(1)
-                    .initial_delay(Duration::from_millis(1)),
-            )
             .build()
             .unwrap();
         let ids = ["flaky", "unauthorized", "loop", "ok", "slow"].map(str::to_owned);

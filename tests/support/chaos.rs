@@ -14,8 +14,7 @@
 //! its own, so it keeps answering whatever the client's runtime does, and the client's
 //! runtime metrics count only the client's tasks.
 //!
-//! Every request is recorded ([`Visit`]: path, id, attempt, time, fault, whether it
-//! carried an `Authorization` header), and [`ChaosServer::in_flight`] counts requests
+//! Every request is recorded ([`Visit`]: path, id, attempt, time, fault, headers), and [`ChaosServer::in_flight`] counts requests
 //! whose handler or body is still running.
 
 use std::collections::HashMap;
@@ -52,7 +51,7 @@ pub enum Fault {
     BadJson,
     /// 200 with JSON of the wrong shape (`id` is a number).
     WrongShape,
-    /// 200 with a valid JSON body of exactly this many bytes, sent in 1 KiB chunks,
+    /// 200 with a valid JSON body of exactly this many bytes, sent in 16 KiB chunks,
     /// with or without a `Content-Length` saying so.
     Large { bytes: usize, declared: bool },
     /// 200 with a chunked body that never ends: a 1 KiB chunk every millisecond.
@@ -133,6 +132,7 @@ pub struct Visit {
     pub fault: Fault,
     /// The `Authorization` header, if one came.
     pub authorization: Option<String>,
+    pub headers: hyper::HeaderMap,
 }
 
 #[derive(Default)]
@@ -364,6 +364,7 @@ async fn answer(
             .headers()
             .get(AUTHORIZATION)
             .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned()),
+        headers: request.headers().clone(),
     });
     respond_with(fault, &id, &record, guard).await
 }
@@ -435,16 +436,17 @@ fn once(text: String) -> Chunks {
     Box::pin(stream::iter([Ok(Bytes::from(text))]))
 }
 
-/// `{"id": "      ..."}` of exactly `bytes` bytes (at least 10), in 1 KiB chunks.
+/// `{"id": "      ..."}` of exactly `bytes` bytes (at least 10), in 16 KiB chunks.
 fn padded_json(bytes: usize) -> Chunks {
+    const CHUNK: usize = 16 * 1024;
     let mut text = String::with_capacity(bytes);
     text.push_str("{\"id\": \"");
     text.extend(std::iter::repeat_n(' ', bytes.saturating_sub(10)));
     text.push_str("\"}");
     let all = Bytes::from(text);
     let chunks: Vec<_> = (0..all.len())
-        .step_by(1024)
-        .map(|start| Ok(all.slice(start..(start + 1024).min(all.len()))))
+        .step_by(CHUNK)
+        .map(|start| Ok(all.slice(start..(start + CHUNK).min(all.len()))))
         .collect();
     Box::pin(stream::iter(chunks))
 }
