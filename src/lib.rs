@@ -123,6 +123,7 @@ mod error;
 mod fanout;
 mod list;
 mod rate;
+mod redirect;
 mod request;
 mod retry;
 mod template;

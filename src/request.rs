@@ -1,23 +1,20 @@
 //! One attempt: take a slot and a token, send, read the body under the size cap, decode.
 
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{HeaderMap, LOCATION};
-use reqwest::{Method, Response, StatusCode};
+use reqwest::header::HeaderMap;
+use reqwest::{Method, Response};
 use serde::de::DeserializeOwned;
 use tokio::sync::SemaphorePermit;
 use url::Url;
 
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
+use crate::redirect;
 use crate::retry::is_transient_status;
-use crate::template::redact_userinfo;
 
 /// How much of an error response's body is read, for the message, before giving up
 /// on it. Reading small error bodies to the end lets the connection be reused.
 const ERROR_BODY_BYTES: usize = 64 * 1024;
-
-/// How much of an unfollowed redirect's `Location` an error quotes.
-const LOCATION_CHARS: usize = 200;
 
 /// The most that is reserved up front for a body from its `Content-Length`; a longer
 /// body grows as it arrives, so a lying header cannot make us allocate for nothing.
@@ -122,7 +119,8 @@ pub(crate) async fn send(shared: &Shared, url: Url) -> Result<Answer, Failure> {
         let mut error = Error::request(ErrorKind::Status, response.url().clone(), "")
             .with_status(status)
             .with_body(&body);
-        if let Some(note) = unfollowed_redirect(shared, status, response.headers()) {
+        if let Some(note) = redirect::unfollowed(shared, response.url(), status, response.headers())
+        {
             error = error.with_note(note);
         }
         return Err(Failure {
@@ -147,28 +145,6 @@ pub(crate) async fn send(shared: &Shared, url: Url) -> Result<Answer, Failure> {
             ),
         })?;
     Ok(Answer { response, body })
-}
-
-/// For a redirect that came back as the answer: where it led, and why it was not
-/// followed when fanout's own client stopped it.
-fn unfollowed_redirect(shared: &Shared, status: StatusCode, headers: &HeaderMap) -> Option<String> {
-    if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
-        return None;
-    }
-    let location = String::from_utf8_lossy(headers.get(LOCATION)?.as_bytes()).into_owned();
-    // The server's text: no password, and not all of a long one.
-    let redacted = redact_userinfo(&location);
-    let mut shown: String = redacted.chars().take(LOCATION_CHARS).collect();
-    if shown.len() < redacted.len() {
-        shown.push('…');
-    }
-    let why = if shared.redirects_stay_on_host {
-        " (it leaves the host, and fanout's client does not carry the headers set with \
-         FanOutBuilder::header to another host)"
-    } else {
-        ""
-    };
-    Some(format!("the redirect to {shown:?} was not followed{why}"))
 }
 
 fn classify(err: reqwest::Error, url: Option<Url>, reading_body: bool) -> Error {

@@ -204,10 +204,17 @@ fn split_placeholders(template: &str) -> Result<Vec<String>, Error> {
                 };
                 let name = &rest[..len];
                 if name != PLACEHOLDER {
+                    let placeholder = format!("{{{name}}}");
+                    // Not quoted if it is part of a password the message hides.
+                    let quoted = if redact_userinfo(template).contains(&placeholder) {
+                        format!("`{placeholder}`")
+                    } else {
+                        format!("at byte {at}")
+                    };
                     return Err(invalid(
                         template,
                         &format!(
-                            "unknown placeholder `{{{name}}}`; the only placeholder is `{{id}}` \
+                            "unknown placeholder {quoted}; the only placeholder is `{{id}}` \
                              (write `{{{{` and `}}}}` for literal braces)"
                         ),
                     ));

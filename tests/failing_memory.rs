@@ -114,9 +114,10 @@ async fn ten_thousand_ids_against_a_server_failing_everything_keep_memory_bounde
     let large = peak_heap(&fan, 10_000).await;
     eprintln!("peak heap above the start: {small} bytes for 1,000 ids, {large} for 10,000");
     assert_eq!(server.requests(), 3 * 12_000);
-    // Not the same to the byte (timers, buffers), but not ten times either.
+    // Not the same to the byte (timers, buffers), but not ten times either; and about
+    // 3 MiB here, where 256 ids of 2 KB and their URLs and errors take well under 6.
     assert!(
-        large < 2 * small,
+        large < 2 * small && large < 6 << 20,
         "10× the ids took {large} bytes at the peak, against {small} for 1,000"
     );
 }

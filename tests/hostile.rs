@@ -542,7 +542,7 @@ fn no_template_makes_build_panic_and_a_built_one_only_substitutes_the_encoded_id
 /// goes one of [`PASSWORD_SEPARATORS`]: characters that end the authority where they
 /// stand unencoded, and so make the URL invalid and quoted.
 const PASSWORD: [&str; 2] = ["pw5ecr", "etXY"];
-const PASSWORD_SEPARATORS: [&str; 7] = ["", "#", "/", "?", "\\", "@", "%"];
+const PASSWORD_SEPARATORS: [&str; 9] = ["", "#", "/", "?", "\\", "@", "%", "{", "}"];
 
 /// Forms of `scheme` + `user:password@`: the URL parser reads user info from all of
 /// them, with or without `//`, and ignores the tabs, line breaks and surrounding
@@ -569,8 +569,10 @@ fn template_with_credentials() -> impl Strategy<Value = String> {
     )
         .prop_map(|(space, scheme, separator, host, rest)| {
             let [head, tail] = PASSWORD;
+            // After a `{`, the tail is a placeholder's name: `pw5ecr{etXY}`.
+            let close = if separator == "{" { "}" } else { "" };
             format!(
-                "{space}{scheme}user:{head}{separator}{tail}@{host}/{}",
+                "{space}{scheme}user:{head}{separator}{tail}{close}@{host}/{}",
                 rest.concat()
             )
         })

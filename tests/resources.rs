@@ -48,10 +48,10 @@ async fn an_endless_body_is_read_up_to_the_cap_and_no_further() {
     too_large(&server).await;
     let sent = server.body_bytes_sent();
     eprintln!("endless body, cap {CAP}: the server sent {sent} bytes");
-    // Past the cap by what the server sends in the ~0.2 s before it sees the close,
-    // generous for a loaded machine; an uncapped read would never end at all.
+    // Past the cap by what the server sends before it sees the close: about 1 KiB
+    // here; the bound leaves a stalled client a second. An uncapped read never ends.
     assert!(
-        (CAP as u64) < sent && sent < (CAP + 192 * 1024) as u64,
+        (CAP as u64) < sent && sent < 1 << 20,
         "the server sent {sent} bytes for a cap of {CAP}"
     );
 }
@@ -137,8 +137,11 @@ where
 
 /// Requests are running on the server, some waiting for their answer, some mid-body,
 /// and tasks of the run in the client.
-fn assert_busy(server: &ChaosServer) {
-    assert!(server.in_flight() > 0, "nothing running to cancel");
+async fn assert_busy(server: &ChaosServer) {
+    assert!(
+        eventually(Duration::from_secs(5), || server.in_flight() > 0).await,
+        "nothing running to cancel"
+    );
     eprintln!("before the drop: {} tasks alive", alive_tasks());
     assert!(alive_tasks() > 0);
 }
@@ -150,7 +153,7 @@ async fn dropping_as_completed_midway_ends_every_request_and_task() {
         for _ in 0..5 {
             let _ = stream.next().await.unwrap();
         }
-        assert_busy(server);
+        assert_busy(server).await;
         drop(stream);
     })
     .await;
@@ -163,7 +166,7 @@ async fn dropping_in_order_midway_ends_every_request_and_task() {
         let mut stream = fan.fan_out(0..100_000).in_order();
         let waited = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
         assert!(waited.is_err(), "id 0 answers only after 30 s");
-        assert_busy(server);
+        assert_busy(server).await;
         drop(stream);
     })
     .await;
@@ -175,7 +178,7 @@ async fn dropping_a_collecting_future_ends_every_request_and_task() {
         let mut collect = std::pin::pin!(fan.fan_out(0..100_000).collect_ordered());
         let waited = tokio::time::timeout(Duration::from_millis(500), &mut collect).await;
         assert!(waited.is_err(), "some ids answer only after 30 s");
-        assert_busy(server);
+        assert_busy(server).await;
     })
     .await;
 }
