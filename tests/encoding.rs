@@ -1,7 +1,10 @@
 //! Hostile ids are percent-encoded for where they land, checked on what the server
 //! actually received.
 
+mod support;
+
 use fanout::{ErrorKind, FanOut};
+use support::percent_encode;
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -81,17 +84,4 @@ async fn ids_that_would_change_the_path_fail_without_being_sent() {
         assert_eq!(err.attempts(), 0);
     }
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
-}
-
-/// The expected encoding, written out independently of the crate: every byte that is
-/// not an RFC 3986 unreserved character becomes `%XX`.
-fn percent_encode(id: &str) -> String {
-    id.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -13,7 +13,7 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fanout::{Error, ErrorKind, FanOut, FanOutBuilder, RetryPolicy};
@@ -21,8 +21,8 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use support::Item;
 use support::chaos::{ChaosServer, Fault};
+use support::{Item, Log, percent_encode};
 use url::Url;
 
 type Check = Result<(), TestCaseError>;
@@ -124,19 +124,6 @@ fn query_pairs_strict(query: &str) -> Result<Vec<(String, String)>, String> {
 fn query_pairs_form(query: &str) -> Vec<(String, String)> {
     url::form_urlencoded::parse(query.as_bytes())
         .into_owned()
-        .collect()
-}
-
-/// The expected encoding of an id, written out independently of the crate: every byte
-/// that is not an RFC 3986 unreserved character becomes `%XX`.
-fn percent_encode(id: &str) -> String {
-    id.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
         .collect()
 }
 
@@ -588,28 +575,30 @@ fn password_hidden(url: &str, texts: &[String]) -> Check {
     Ok(())
 }
 
+/// `builder`, given `url` with user info, is refused, and its error quotes no part of
+/// the password.
+fn refused_without_password(url: &str, builder: FanOutBuilder<String, Item>) -> Check {
+    let err = builder
+        .build()
+        .expect_err("a URL with user info is refused");
+    prop_assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
+    password_hidden(url, &[err.to_string(), format!("{err:?}")])
+}
+
 #[test]
 fn template_errors_never_quote_a_password() {
     check(300, template_with_credentials(), |template| {
-        let err = FanOut::<String, serde_json::Value>::builder()
-            .detail_url(&template)
-            .build()
-            .expect_err("a template with user info is refused");
-        prop_assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
-        password_hidden(&template, &[err.to_string(), format!("{err:?}")])
+        refused_without_password(&template, FanOut::builder().detail_url(&template))
     });
 }
 
 #[test]
 fn list_url_errors_never_quote_a_password() {
     check(300, template_with_credentials(), |list_url| {
-        let err = FanOut::<String, serde_json::Value>::builder()
+        let builder = FanOut::builder()
             .detail_url("http://h.test/items/{id}")
-            .list_url(&list_url)
-            .build()
-            .expect_err("a list URL with user info is refused");
-        prop_assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
-        password_hidden(&list_url, &[err.to_string(), format!("{err:?}")])
+            .list_url(&list_url);
+        refused_without_password(&list_url, builder)
     });
 }
 
@@ -1003,20 +992,6 @@ fn a_bearer_token_never_shows_in_errors_of_failed_requests() {
     assert_eq!(visit.authorization, Some(format!("Bearer {SECRET}")));
 }
 
-/// Collects what a `tracing` subscriber writes.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Log {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[test]
 fn a_bearer_token_never_shows_in_trace_logs_of_a_run_with_retries_and_failures() {
     let server = faulty_server();
@@ -1046,7 +1021,7 @@ fn a_bearer_token_never_shows_in_trace_logs_of_a_run_with_retries_and_failures()
         assert!(listed.is_empty());
     });
 
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let text = log.text();
     assert!(text.contains("retrying"), "no retry was logged: {text}");
     assert!(
         text.contains("WARN"),

@@ -4,27 +4,12 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fanout::{FanOut, RetryPolicy};
-use support::{Arrivals, Item, echo_id};
+use support::{Arrivals, Item, Log, echo_id};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
-
-/// Collects what a `tracing` subscriber writes.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Log {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test]
 async fn each_retry_is_logged_at_debug_with_id_attempt_delay_and_reason() {
@@ -62,7 +47,7 @@ async fn each_retry_is_logged_at_debug_with_id_attempt_delay_and_reason() {
     assert_eq!(item[0].id, "p");
     assert_eq!(arrivals.count(), 3);
 
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let text = log.text();
     let retries: Vec<&str> = text
         .lines()
         .filter(|line| line.contains("retrying"))

@@ -249,3 +249,37 @@ pub fn echo_id(request: &wiremock::Request) -> wiremock::ResponseTemplate {
     let id = request.url.path().rsplit('/').next().unwrap_or_default();
     wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({ "id": id }))
 }
+
+/// The expected encoding of an id, written out independently of the crate: every byte
+/// that is not an RFC 3986 unreserved character becomes `%XX`.
+pub fn percent_encode(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Collects what a `tracing` subscriber writes.
+#[derive(Clone, Default)]
+pub struct Log(pub Arc<Mutex<Vec<u8>>>);
+
+impl Log {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Log {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
