@@ -310,12 +310,13 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// shown in `Debug` output or errors, only header names: a custom header such as
     /// `X-Api-Key` is safe to log the builder with too.
     ///
-    /// A redirect to another host would carry a custom header along (only
-    /// credentials are dropped there), so with any header other than those set, the
-    /// default client follows a redirect only on the same host name, scheme and port
-    /// (or from http to https on the same host name); for any other, the id fails
-    /// with its 3xx status, saying where the redirect led. To follow them anyway, pass
-    /// a [`client`](Self::client) of your own, whose redirect policy applies.
+    /// A redirect to another host would carry any other header along (reqwest drops
+    /// only those three there). So once a header other than them or `Accept` is set,
+    /// fanout's own client follows a redirect only on the same host name, scheme and
+    /// port, or from http to https on the same host name and default ports; for any
+    /// other, the id fails with its 3xx status, saying where the redirect led. To follow
+    /// them anyway, pass a [`client`](Self::client) of your own, whose redirect policy
+    /// applies.
     ///
     /// Default: only `Accept: application/json` (replaced if you set `Accept`).
     pub fn header<V>(mut self, name: impl AsRef<str>, value: V) -> Self
