@@ -23,6 +23,7 @@ pub(crate) use self::sleepers::Sleepers;
 use self::engine::Core;
 use crate::error::Error;
 use crate::fanout::Shared;
+use crate::progress::Progress;
 
 /// The requests for one set of ids, made by [`FanOut::fan_out`](crate::FanOut::fan_out).
 ///
@@ -58,6 +59,14 @@ where
         Batch {
             core: Core::new(shared, ids),
         }
+    }
+
+    /// A handle on this batch's progress, to read from another task while it runs:
+    /// ids admitted, succeeded and failed, retries, requests in flight, and more (see
+    /// [`Snapshot`](crate::Snapshot)). Take it before consuming the batch; it stays
+    /// readable after.
+    pub fn progress(&self) -> Progress {
+        Progress::new(Arc::clone(self.core.scope()))
     }
 
     /// One result per id, in input order, failures included: the equivalent of

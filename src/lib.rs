@@ -122,6 +122,7 @@ mod dedup;
 mod error;
 mod fanout;
 mod list;
+mod progress;
 mod rate;
 mod redirect;
 mod request;
@@ -133,6 +134,7 @@ pub use crate::builder::FanOutBuilder;
 pub use crate::error::{Error, ErrorKind};
 pub use crate::fanout::FanOut;
 pub use crate::list::Pagination;
+pub use crate::progress::{Progress, Snapshot};
 pub use crate::rate::RateLimiter;
 pub use crate::retry::{FailedAttempt, RetryPolicy};
 

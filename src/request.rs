@@ -9,6 +9,7 @@ use url::Url;
 
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
+use crate::progress::Counters;
 use crate::redirect;
 use crate::retry::is_transient_status;
 
@@ -42,7 +43,10 @@ impl Failure {
 /// Waits for what an attempt needs before it may be sent: a concurrency slot, then a
 /// rate-limit token (in that order, so that no token is spent by a request that then
 /// queues for a slot). The slot is held until the returned permit is dropped.
-pub(crate) async fn ready(shared: &Shared) -> Result<SemaphorePermit<'_>, Error> {
+pub(crate) async fn ready<'a>(
+    shared: &'a Shared,
+    progress: &Counters,
+) -> Result<SemaphorePermit<'a>, Error> {
     // The semaphore is never closed, so acquiring only fails if that invariant breaks.
     let slot = shared
         .slots
@@ -52,6 +56,7 @@ pub(crate) async fn ready(shared: &Shared) -> Result<SemaphorePermit<'_>, Error>
     if let Some(throttle) = &shared.throttle
         && !throttle.try_take()
     {
+        let _waiting = progress.waiting_for_token();
         // Boxed: the wait is rare, and every request's future would otherwise have
         // room for it.
         Box::pin(throttle.wait()).await;

@@ -71,8 +71,16 @@ where
     pub(crate) fn new(shared: Arc<Shared>, ids: BoxStream<'static, Result<Id, Error>>) -> Self {
         let max_admitted = shared.concurrency.saturating_mul(ADMITTED_PER_SLOT);
         let seen = shared.dedup_ids.then(Seen::default);
+        let scope = Scope::new(shared);
+        // Repeats dropped unseen would make the input's size a wrong total.
+        if let (low, Some(high)) = ids.size_hint()
+            && low == high
+            && seen.is_none()
+        {
+            scope.progress.set_total(low as u64);
+        }
         Core {
-            scope: Scope::new(shared),
+            scope,
             ids: Some(ids),
             input_error: None,
             running: requests(request::<Id, T>),
@@ -110,6 +118,11 @@ where
         &self.scope.shared
     }
 
+    /// The batch's settings and counts, shared with its requests and progress handles.
+    pub(crate) fn scope(&self) -> &Arc<Scope> {
+        &self.scope
+    }
+
     /// Every id admitted and its outcome handed out, and no more ids to come.
     pub(crate) fn is_finished(&self) -> bool {
         self.ids.is_none() && self.running.is_empty() && self.finished.is_empty()
@@ -124,11 +137,12 @@ where
         cx: &mut Context<'_>,
         admit_below: u64,
     ) -> Poll<Option<Done<Id, T>>> {
+        self.scope.progress.start();
         self.admit(cx, admit_below);
         let done = match self.finished.pop_front() {
             Some(done) => done,
             None => match self.running.poll_next(cx) {
-                Poll::Ready(Some(done)) => done,
+                Poll::Ready(Some(done)) => self.counted(done),
                 Poll::Ready(None) if self.ids.is_none() => return Poll::Ready(None),
                 // Nothing running: the input is pending (its waker is registered) or
                 // the caller's window is full, which it resolves before polling again.
@@ -148,11 +162,18 @@ where
     pub(crate) fn drive_one(&mut self, cx: &mut Context<'_>) -> bool {
         match self.running.poll_next(cx) {
             Poll::Ready(Some(done)) => {
+                let done = self.counted(done);
                 self.finished.push_back(done);
                 true
             }
             Poll::Ready(None) | Poll::Pending => false,
         }
+    }
+
+    /// An outcome as it leaves the running requests, counted for `Batch::progress`.
+    fn counted(&self, done: Done<Id, T>) -> Done<Id, T> {
+        self.scope.progress.finished(done.result.is_ok());
+        done
     }
 
     /// Bounds on how many outcomes are still to come.
@@ -217,6 +238,7 @@ where
                 ))
             };
             self.running.push(self.next_seq, id, start);
+            self.scope.progress.admitted();
             self.next_seq += 1;
         }
     }

@@ -15,6 +15,7 @@ use super::retry_after::retry_after;
 use crate::batch::Sleepers;
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
+use crate::progress::Counters;
 use crate::request::{Answer, Failure, decode, ready, send};
 
 /// What every request of one batch reads: the `FanOut`'s settings, and the batch's ids
@@ -23,6 +24,8 @@ use crate::request::{Answer, Failure, decode, ready, send};
 pub(crate) struct Scope {
     pub(crate) shared: Arc<Shared>,
     pub(crate) sleepers: Sleepers,
+    /// What `Batch::progress` reads.
+    pub(crate) progress: Counters,
 }
 
 impl Scope {
@@ -30,6 +33,7 @@ impl Scope {
         Arc::new(Scope {
             shared,
             sleepers: Sleepers::default(),
+            progress: Counters::default(),
         })
     }
 }
@@ -71,7 +75,7 @@ fn attempts<T>(
     mut read: impl FnMut(Answer) -> Result<T, Failure> + Send,
 ) -> impl Future<Output = Result<T, Error>> + Send {
     async move {
-        let (shared, sleepers) = (&*scope.shared, &scope.sleepers);
+        let (shared, sleepers, progress) = (&*scope.shared, &scope.sleepers, &scope.progress);
         let mut made: u32 = 0;
         // Both clocks start when the first attempt is sent, not when the id was
         // admitted: time spent waiting for a slot or a rate-limit token is not the
@@ -85,9 +89,9 @@ fn attempts<T>(
 
         let outcome = loop {
             let slot = match deadline {
-                None => ready(shared).await,
+                None => ready(shared, progress).await,
                 // Boxed: only ids with a deadline need room for its timer here.
-                Some(at) => match timeout_at(at, Box::pin(ready(shared))).await {
+                Some(at) => match timeout_at(at, Box::pin(ready(shared, progress))).await {
                     Ok(slot) => slot,
                     Err(_) => {
                         let when = format!(
@@ -103,6 +107,7 @@ fn attempts<T>(
                 Err(err) => break Err(err),
             };
             made = made.saturating_add(1);
+            let on_the_wire = progress.sending();
             let now = Instant::now();
             let first = *first_sent.get_or_insert(now);
             if deadline.is_none() {
@@ -135,7 +140,7 @@ fn attempts<T>(
                     },
                 }
                 .and_then(&mut read);
-                drop(slot);
+                drop((slot, on_the_wire));
                 match result {
                     Ok(value) => break Ok(value),
                     Err(failure) => failure,
@@ -154,6 +159,7 @@ fn attempts<T>(
                 "retrying",
             );
             last = Some(error);
+            progress.retried();
             sleepers.sleep_until(resume).await;
         };
         match id {

@@ -1,0 +1,223 @@
+//! `Progress`: where a batch is, readable from another task while it runs.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::retry::Scope;
+
+/// How far back [`Snapshot::rate`] looks.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// The most snapshots kept for the rate; older ones are dropped first.
+const RATE_SAMPLES: usize = 64;
+
+/// The counts one batch keeps as it runs. Each is updated with one relaxed atomic
+/// operation where the event happens; nothing on a request's path takes a lock.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    started: OnceLock<Instant>,
+    total: OnceLock<u64>,
+    admitted: AtomicU64,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    retries: AtomicU64,
+    in_flight: AtomicU64,
+    waiting_for_token: AtomicU64,
+}
+
+impl Counters {
+    /// The batch's first poll: the clock starts.
+    pub(crate) fn start(&self) {
+        self.started.get_or_init(Instant::now);
+    }
+
+    /// How many ids the batch has, when its input says so exactly.
+    pub(crate) fn set_total(&self, total: u64) {
+        let _ = self.total.set(total);
+    }
+
+    pub(crate) fn admitted(&self) {
+        self.admitted.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn finished(&self, succeeded: bool) {
+        let counter = if succeeded {
+            &self.succeeded
+        } else {
+            &self.failed
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn retried(&self) {
+        self.retries.fetch_add(1, Relaxed);
+    }
+
+    /// An attempt is on the wire until the returned guard is dropped.
+    pub(crate) fn sending(&self) -> Gauge<'_> {
+        Gauge::enter(&self.in_flight)
+    }
+
+    /// An attempt waits for a rate-limit token until the returned guard is dropped.
+    pub(crate) fn waiting_for_token(&self) -> Gauge<'_> {
+        Gauge::enter(&self.waiting_for_token)
+    }
+}
+
+/// Counts one in a gauge while it lives, so that a cancelled attempt is counted out
+/// too.
+#[derive(Debug)]
+pub(crate) struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    fn enter(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Gauge(gauge)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A handle on a running batch's progress, made by
+/// [`Batch::progress`](crate::Batch::progress). Cheap to clone and to read from any
+/// task or thread while the batch runs; it does not keep the batch running.
+///
+/// ```no_run
+/// # async fn run(players: fanout::FanOut<u32, serde_json::Value>) {
+/// use std::time::Duration;
+/// use futures::StreamExt;
+///
+/// let batch = players.fan_out(1..=100_000);
+/// let progress = batch.progress();
+/// let reporter = tokio::spawn(async move {
+///     loop {
+///         tokio::time::sleep(Duration::from_secs(5)).await;
+///         let now = progress.snapshot();
+///         eprintln!("{}/{:?} done, {:.0} requests/s", now.done(), now.total, now.rate);
+///     }
+/// });
+/// let mut results = batch.as_completed();
+/// while let Some((id, result)) = results.next().await {
+///     // ...
+/// }
+/// reporter.abort();
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Progress {
+    scope: Arc<Scope>,
+    /// Recent (time, requests finished) pairs, for the rate. Touched only by
+    /// `snapshot`, never by the requests.
+    samples: Arc<Mutex<VecDeque<(Instant, u64)>>>,
+}
+
+impl Progress {
+    pub(crate) fn new(scope: Arc<Scope>) -> Self {
+        Progress {
+            scope,
+            samples: Arc::default(),
+        }
+    }
+
+    /// The counts as they are now.
+    ///
+    /// Each count is read on its own, so while requests run, a snapshot may catch one
+    /// request counted in one place and not yet in the next (finished, say, but still
+    /// in flight); every count is exact once the batch has finished.
+    pub fn snapshot(&self) -> Snapshot {
+        let counters = &self.scope.progress;
+        let now = Instant::now();
+        let succeeded = counters.succeeded.load(Relaxed);
+        let failed = counters.failed.load(Relaxed);
+        let retries = counters.retries.load(Relaxed);
+        let elapsed = counters
+            .started
+            .get()
+            .map_or(Duration::ZERO, |started| now.duration_since(*started));
+        // Requests: each id's first attempt, and its retries.
+        let requests = succeeded + failed + retries;
+        Snapshot {
+            admitted: counters.admitted.load(Relaxed),
+            succeeded,
+            failed,
+            retries,
+            in_flight: counters.in_flight.load(Relaxed),
+            waiting_for_token: counters.waiting_for_token.load(Relaxed),
+            in_backoff: self.scope.sleepers.count() as u64,
+            total: counters.total.get().copied(),
+            elapsed,
+            rate: self.rate(now, requests, elapsed),
+        }
+    }
+
+    /// Requests finished per second over the last few seconds (as far back as earlier
+    /// snapshots reach, and at most [`RATE_WINDOW`]); since the start at first.
+    fn rate(&self, now: Instant, requests: u64, elapsed: Duration) -> f64 {
+        let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        while samples.len() >= RATE_SAMPLES
+            || samples
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
+        {
+            samples.pop_front();
+        }
+        let (since, before) = samples.front().map_or((elapsed, 0), |(at, count)| {
+            (now.duration_since(*at), *count)
+        });
+        samples.push_back((now, requests));
+        let seconds = since.as_secs_f64();
+        if seconds > 0.0 {
+            requests.saturating_sub(before) as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+impl fmt::Debug for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Progress").field(&self.snapshot()).finish()
+    }
+}
+
+/// A batch's counts at one moment; see [`Progress::snapshot`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// Ids taken from the input so far (repeats dropped by `dedup_ids` not counted).
+    pub admitted: u64,
+    /// Ids whose outcome is a value.
+    pub succeeded: u64,
+    /// Ids whose outcome is an error.
+    pub failed: u64,
+    /// Attempts made after an id's first: retries, across all ids.
+    pub retries: u64,
+    /// Attempts on the wire now: sent or being sent, the answer not yet read.
+    pub in_flight: u64,
+    /// Attempts holding a slot and waiting for a rate-limit token.
+    pub waiting_for_token: u64,
+    /// Ids waiting out the delay before a retry (they hold no slot).
+    pub in_backoff: u64,
+    /// How many ids the batch has, when known: from an input whose size is exact (a
+    /// `Vec`, a range, an `ExactSizeIterator`) and with `dedup_ids` off.
+    pub total: Option<u64>,
+    /// Time since the batch was first polled.
+    pub elapsed: Duration,
+    /// Requests (attempts, retries included) finished per second recently: over the
+    /// span since the oldest snapshot in the last 5 seconds taken from this handle
+    /// or its clones, or since the start for the first.
+    pub rate: f64,
+}
+
+impl Snapshot {
+    /// Ids with an outcome: succeeded and failed.
+    pub fn done(&self) -> u64 {
+        self.succeeded + self.failed
+    }
+}

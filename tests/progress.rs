@@ -1,0 +1,212 @@
+//! `Batch::progress`: the counts add up against the server's record once a batch has
+//! finished, and snapshots taken while it runs are consistent with its limits.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fanout::{FanOut, Progress, RetryPolicy, Snapshot};
+use futures::StreamExt;
+use support::Item;
+use support::chaos::{ChaosServer, Fault};
+
+fn quick_retries() -> RetryPolicy {
+    RetryPolicy::exponential()
+        .initial_delay(Duration::from_millis(1))
+        .max_delay(Duration::from_millis(5))
+        .max_retries(2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_counts_add_up_against_the_servers_record() {
+    // Ids ending in 0 answer 404; ids ending in 1 fail once with a 503, then succeed;
+    // ids ending in 2 fail with 503 every time (three attempts, then an error).
+    let server = ChaosServer::scripted(|id, attempt| match id.chars().last() {
+        Some('0') => Fault::Status(404),
+        Some('1') if attempt == 1 => Fault::Status(503),
+        Some('2') => Fault::Status(503),
+        _ => Fault::Fine,
+    });
+    let fan = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .concurrency(8)
+        .retry(quick_retries())
+        .build()
+        .unwrap();
+    let batch = fan.fan_out(0..500);
+    let progress = batch.progress();
+    assert_eq!(
+        progress.snapshot().admitted,
+        0,
+        "nothing runs until consumed"
+    );
+    let results = batch.collect_ordered().await;
+    let failed = results.iter().filter(|result| result.is_err()).count() as u64;
+
+    let end = progress.snapshot();
+    let requests = server.visits().len() as u64;
+    assert_eq!(failed, 100);
+    assert_eq!(end.admitted, 500);
+    assert_eq!(end.succeeded, 400);
+    assert_eq!(end.failed, 100);
+    assert_eq!(end.done(), 500);
+    // 50 ids retried once, 50 twice.
+    assert_eq!(end.retries, 150);
+    assert_eq!(requests, 500 + end.retries);
+    assert_eq!(
+        (end.in_flight, end.waiting_for_token, end.in_backoff),
+        (0, 0, 0)
+    );
+    assert_eq!(end.total, Some(500));
+    assert!(end.elapsed > Duration::ZERO);
+    assert!(end.rate > 0.0);
+}
+
+/// Snapshots every few milliseconds until told to stop.
+fn watch(progress: Progress, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<Snapshot>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            seen.push(progress.snapshot());
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        seen.push(progress.snapshot());
+        seen
+    })
+}
+
+/// Runs `ids` through `as_completed`, snapshotting all along.
+async fn watched_run(fan: &FanOut<u32, Item>, ids: u32) -> Vec<Snapshot> {
+    let batch = fan.fan_out(0..ids);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch(batch.progress(), Arc::clone(&stop));
+    let outcomes = batch.as_completed().count().await;
+    assert_eq!(outcomes, ids as usize);
+    stop.store(true, Ordering::SeqCst);
+    watcher.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_during_a_run_stay_within_its_limits_and_never_go_back() {
+    let server = ChaosServer::scripted(|id, attempt| match id.chars().last() {
+        Some('3') if attempt == 1 => Fault::Status(503),
+        _ => Fault::Slow(Duration::from_millis(20)),
+    });
+    let fan = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .concurrency(8)
+        .retry(quick_retries())
+        .build()
+        .unwrap();
+    let seen = watched_run(&fan, 300).await;
+    assert!(seen.len() > 10, "{} snapshots", seen.len());
+    for snapshot in &seen {
+        assert!(snapshot.in_flight <= 8, "{snapshot:?}");
+        assert!(snapshot.done() <= snapshot.admitted, "{snapshot:?}");
+        assert!(snapshot.admitted <= 300 && snapshot.total == Some(300));
+    }
+    for pair in seen.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        assert!(
+            after.admitted >= before.admitted,
+            "{before:?} then {after:?}"
+        );
+        assert!(
+            after.succeeded >= before.succeeded,
+            "{before:?} then {after:?}"
+        );
+        assert!(after.failed >= before.failed, "{before:?} then {after:?}");
+        assert!(after.retries >= before.retries, "{before:?} then {after:?}");
+        assert!(after.elapsed >= before.elapsed, "{before:?} then {after:?}");
+    }
+    // The run was seen under way, with requests on the wire.
+    assert!(seen.iter().any(|snapshot| snapshot.in_flight > 0));
+    let last = seen.last().unwrap();
+    assert_eq!((last.succeeded, last.retries, last.in_flight), (300, 30, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_waiting_for_a_token_or_a_retry_are_counted_as_such() {
+    // 40 requests a second, at most 2 at once: most of the 8 slots wait for a token.
+    let server = ChaosServer::always(Fault::Fine);
+    let fan = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .concurrency(8)
+        .rate_limit(
+            fanout::Quota::per_second(std::num::NonZeroU32::new(40).unwrap())
+                .allow_burst(std::num::NonZeroU32::new(2).unwrap()),
+        )
+        .build()
+        .unwrap();
+    let seen = watched_run(&fan, 20).await;
+    assert!(seen.iter().any(|snapshot| snapshot.waiting_for_token > 0));
+    assert!(seen.iter().all(|snapshot| snapshot.waiting_for_token <= 8));
+
+    // Every first attempt fails and waits 100 ms before its retry, holding no slot.
+    let server = ChaosServer::scripted(|_, attempt| match attempt {
+        1 => Fault::Status(503),
+        _ => Fault::Fine,
+    });
+    let fan = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .concurrency(4)
+        .retry(
+            RetryPolicy::exponential()
+                .initial_delay(Duration::from_millis(100))
+                .max_delay(Duration::from_millis(100))
+                .jitter(false)
+                .max_retries(1),
+        )
+        .build()
+        .unwrap();
+    let seen = watched_run(&fan, 20).await;
+    assert!(seen.iter().any(|snapshot| snapshot.in_backoff > 0));
+    // Asleep ids free their slot, so more may wait than the concurrency, but no more
+    // than the 4 × 4 a batch admits.
+    assert!(seen.iter().all(|snapshot| snapshot.in_backoff <= 16));
+    assert_eq!(seen.last().unwrap().in_backoff, 0);
+}
+
+#[tokio::test]
+async fn the_total_is_known_only_for_an_input_of_exact_size() {
+    let fan = |dedup| {
+        FanOut::<u32, Item>::builder()
+            .detail_url("http://127.0.0.1:9/items/{id}")
+            .dedup_ids(dedup)
+            .build()
+            .unwrap()
+    };
+    assert_eq!(
+        fan(false)
+            .fan_out(vec![1, 2, 3])
+            .progress()
+            .snapshot()
+            .total,
+        Some(3)
+    );
+    assert_eq!(
+        fan(false).fan_out(0..10).progress().snapshot().total,
+        Some(10)
+    );
+    let filtered = (0..10).filter(|n| n % 2 == 0);
+    assert_eq!(
+        fan(false).fan_out(filtered).progress().snapshot().total,
+        None
+    );
+    let stream = futures::stream::iter(0..10);
+    assert_eq!(
+        fan(false)
+            .fan_out_stream(stream)
+            .progress()
+            .snapshot()
+            .total,
+        Some(10)
+    );
+    // Repeats would be dropped: the input's size is no longer the number of ids.
+    assert_eq!(
+        fan(true).fan_out(vec![1, 1, 2]).progress().snapshot().total,
+        None
+    );
+}
