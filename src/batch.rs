@@ -24,6 +24,7 @@ use self::engine::Core;
 use crate::error::Error;
 use crate::fanout::Shared;
 use crate::progress::Progress;
+use crate::stats::RunStats;
 
 /// The requests for one set of ids, made by [`FanOut::fan_out`](crate::FanOut::fan_out).
 ///
@@ -81,6 +82,21 @@ where
     /// ```
     pub async fn collect_ordered(self) -> Vec<Result<T, Error>> {
         ordered::collect_ordered(self.core).await
+    }
+
+    /// [`collect_ordered`](Batch::collect_ordered), and the run's [`RunStats`] once
+    /// every id has its outcome.
+    ///
+    /// ```no_run
+    /// # async fn run(players: fanout::FanOut<u32, serde_json::Value>) {
+    /// let (results, stats) = players.fan_out(1..=1000).collect_ordered_with_stats().await;
+    /// eprintln!("{stats}");
+    /// # }
+    /// ```
+    pub async fn collect_ordered_with_stats(self) -> (Vec<Result<T, Error>>, RunStats) {
+        let progress = self.progress();
+        let results = self.collect_ordered().await;
+        (results, progress.stats())
     }
 
     /// Every value in input order, or the first error to happen (in time, not in input

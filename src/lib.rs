@@ -127,6 +127,7 @@ mod rate;
 mod redirect;
 mod request;
 mod retry;
+mod stats;
 mod template;
 
 pub use crate::batch::{AsCompleted, Batch, InOrder, TryAsCompleted, TryInOrder};
@@ -137,6 +138,7 @@ pub use crate::list::Pagination;
 pub use crate::progress::{Progress, Snapshot};
 pub use crate::rate::RateLimiter;
 pub use crate::retry::{FailedAttempt, RetryPolicy};
+pub use crate::stats::{Cause, Latency, RunStats};
 
 /// A rate limit: so many requests per period, with a burst allowance. This is
 /// governor's `Quota`, re-exported so that you name the version `fanout` was built with.

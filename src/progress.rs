@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::error::Error;
 use crate::retry::Scope;
+use crate::stats::{Recorded, RunStats};
 
 /// How far back [`Snapshot::rate`] looks.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
@@ -18,6 +20,8 @@ const RATE_SAMPLES: usize = 64;
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     started: OnceLock<Instant>,
+    /// When the last outcome was handed out.
+    ended: OnceLock<Instant>,
     total: OnceLock<u64>,
     admitted: AtomicU64,
     succeeded: AtomicU64,
@@ -25,12 +29,21 @@ pub(crate) struct Counters {
     retries: AtomicU64,
     in_flight: AtomicU64,
     waiting_for_token: AtomicU64,
+    /// What `RunStats` reports beyond the counts. Locked once per attempt, and per
+    /// failure: one batch's requests are polled by one thread at a time, so no two of
+    /// them contend for it.
+    recorded: Mutex<Recorded>,
 }
 
 impl Counters {
     /// The batch's first poll: the clock starts.
     pub(crate) fn start(&self) {
         self.started.get_or_init(Instant::now);
+    }
+
+    /// The batch's last outcome has been handed out: the clock stops.
+    pub(crate) fn end(&self) {
+        self.ended.get_or_init(Instant::now);
     }
 
     /// How many ids the batch has, when its input says so exactly.
@@ -42,17 +55,31 @@ impl Counters {
         self.admitted.fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn finished(&self, succeeded: bool) {
-        let counter = if succeeded {
-            &self.succeeded
-        } else {
-            &self.failed
-        };
-        counter.fetch_add(1, Relaxed);
+    pub(crate) fn finished<T>(&self, result: &Result<T, Error>) {
+        match result {
+            Ok(_) => {
+                self.succeeded.fetch_add(1, Relaxed);
+            }
+            Err(err) => {
+                self.failed.fetch_add(1, Relaxed);
+                self.recorded().failed(err);
+            }
+        }
     }
 
-    pub(crate) fn retried(&self) {
+    /// An attempt failed with `err`, and the id will try again.
+    pub(crate) fn retried(&self, err: &Error) {
         self.retries.fetch_add(1, Relaxed);
+        self.recorded().retried(err);
+    }
+
+    /// An attempt ended (answered, failed or timed out) after `took`.
+    pub(crate) fn attempt_took(&self, took: Duration) {
+        self.recorded().attempt_took(took);
+    }
+
+    fn recorded(&self) -> std::sync::MutexGuard<'_, Recorded> {
+        self.recorded.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// An attempt is on the wire until the returned guard is dropped.
@@ -123,6 +150,26 @@ impl Progress {
             scope,
             samples: Arc::default(),
         }
+    }
+
+    /// A summary of the run so far, or of the whole run once the batch has finished:
+    /// counts, wall time, throughput, latency percentiles, failures and retries by
+    /// cause. `Display` renders it as a compact table.
+    pub fn stats(&self) -> RunStats {
+        let counters = &self.scope.progress;
+        let now = Instant::now();
+        let wall_time = match (counters.started.get(), counters.ended.get()) {
+            (Some(started), Some(ended)) => ended.duration_since(*started),
+            (Some(started), None) => now.duration_since(*started),
+            (None, _) => Duration::ZERO,
+        };
+        counters.recorded().summary(
+            counters.admitted.load(Relaxed),
+            counters.succeeded.load(Relaxed),
+            counters.failed.load(Relaxed),
+            counters.retries.load(Relaxed),
+            wall_time,
+        )
     }
 
     /// The counts as they are now.

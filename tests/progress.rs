@@ -1,5 +1,6 @@
-//! `Batch::progress`: the counts add up against the server's record once a batch has
-//! finished, and snapshots taken while it runs are consistent with its limits.
+//! `Batch::progress` and `RunStats`: the counts add up against the server's record
+//! once a batch has finished, snapshots taken while it runs are consistent with its
+//! limits, and latency percentiles match a server's known delays.
 
 mod support;
 
@@ -42,11 +43,33 @@ async fn the_counts_add_up_against_the_servers_record() {
         0,
         "nothing runs until consumed"
     );
-    let results = batch.collect_ordered().await;
+    let (results, stats) = batch.collect_ordered_with_stats().await;
     let failed = results.iter().filter(|result| result.is_err()).count() as u64;
 
     let end = progress.snapshot();
     let requests = server.visits().len() as u64;
+    assert_eq!(stats, progress.stats(), "a finished run's stats stay put");
+    assert_eq!(
+        (stats.ids, stats.succeeded, stats.failed, stats.retries),
+        (500, 400, 100, 150)
+    );
+    assert_eq!(stats.requests, requests);
+    assert_eq!(stats.failures_with_status(404), 50);
+    assert_eq!(stats.failures_with_status(503), 50);
+    assert_eq!(stats.failures_of_kind(fanout::ErrorKind::Status), 100);
+    let retried: Vec<(String, u64)> = stats
+        .retry_causes
+        .iter()
+        .map(|(cause, n)| (cause.to_string(), *n))
+        .collect();
+    assert_eq!(retried, [("503 Service Unavailable".to_owned(), 150)]);
+    assert!(stats.wall_time <= end.elapsed && stats.throughput() > 0.0);
+    let table = stats.to_string();
+    assert!(
+        table.starts_with("ids          500 (400 succeeded, 100 failed)\n"),
+        "{table}"
+    );
+    assert!(table.contains("failures     "), "{table}");
     assert_eq!(failed, 100);
     assert_eq!(end.admitted, 500);
     assert_eq!(end.succeeded, 400);
@@ -209,4 +232,34 @@ async fn the_total_is_known_only_for_an_input_of_exact_size() {
         fan(true).fan_out(vec![1, 1, 2]).progress().snapshot().total,
         None
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_percentiles_match_the_servers_delays() {
+    // One id in five takes 300 ms, the others 50 ms.
+    let server = ChaosServer::scripted(|id, _| {
+        let slow = id.parse::<u32>().unwrap_or(0) % 5 == 4;
+        Fault::Slow(Duration::from_millis(if slow { 300 } else { 50 }))
+    });
+    let fan = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .concurrency(20)
+        .build()
+        .unwrap();
+    let (results, stats) = fan.fan_out(0..100).collect_ordered_with_stats().await;
+    assert!(results.iter().all(Result::is_ok));
+    let latency = stats.latency.expect("attempts were made");
+    let ms = Duration::from_millis;
+    // No attempt is quicker than the server's delay; the slack above it is for a busy
+    // machine, well short of the next group's delay.
+    assert!(ms(50) <= latency.p50 && latency.p50 < ms(200), "{stats}");
+    assert!(ms(300) <= latency.p90 && latency.p90 < ms(600), "{stats}");
+    assert!(
+        ms(300) <= latency.p99 && latency.p99 <= latency.max,
+        "{stats}"
+    );
+    assert!(latency.max < ms(1000), "{stats}");
+    assert_eq!(stats.requests, 100);
+    // 20 at a time, each 50 or 300 ms: at least 5 rounds, one of them slow.
+    assert!(stats.wall_time >= ms(300), "{stats}");
 }

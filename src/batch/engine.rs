@@ -143,7 +143,10 @@ where
             Some(done) => done,
             None => match self.running.poll_next(cx) {
                 Poll::Ready(Some(done)) => self.counted(done),
-                Poll::Ready(None) if self.ids.is_none() => return Poll::Ready(None),
+                Poll::Ready(None) if self.ids.is_none() => {
+                    self.scope.progress.end();
+                    return Poll::Ready(None);
+                }
                 // Nothing running: the input is pending (its waker is registered) or
                 // the caller's window is full, which it resolves before polling again.
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,
@@ -172,7 +175,7 @@ where
 
     /// An outcome as it leaves the running requests, counted for `Batch::progress`.
     fn counted(&self, done: Done<Id, T>) -> Done<Id, T> {
-        self.scope.progress.finished(done.result.is_ok());
+        self.scope.progress.finished(&done.result);
         done
     }
 

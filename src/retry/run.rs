@@ -141,6 +141,7 @@ fn attempts<T>(
                 }
                 .and_then(&mut read);
                 drop((slot, on_the_wire));
+                progress.attempt_took(now.elapsed());
                 match result {
                     Ok(value) => break Ok(value),
                     Err(failure) => failure,
@@ -158,8 +159,8 @@ fn attempts<T>(
                 reason = %error,
                 "retrying",
             );
+            progress.retried(&error);
             last = Some(error);
-            progress.retried();
             sleepers.sleep_until(resume).await;
         };
         match id {
