@@ -1,26 +1,28 @@
 //! The main job, end to end, with no outside network: start a local players API (a
 //! paginated list of player ids, and one detail record per id, with some latency, a few
 //! missing records and some flaky answers), list the ids page by page, fetch every
-//! player's record as the pages arrive, and print a summary.
+//! player's record as the pages arrive with a progress bar on the terminal, and print
+//! the run's statistics.
 //!
 //! ```text
 //! cargo run --release --example demo
 //! cargo run --release --example demo -- 20000 128   # ids, concurrency
 //! ```
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use fanout::{FanOut, Pagination, RetryPolicy};
+use fanout::{FanOut, Pagination, Progress, RetryPolicy};
 use futures::TryStreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
 /// What the detail endpoint returns for one player.
@@ -61,14 +63,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .timeout(Duration::from_secs(5))
         .build()?;
 
-    let started = Instant::now();
-    let mut ok = 0u64;
-    let mut runs = 0u64;
-    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
-    let mut first_failure = None;
     // Ids flow from each list page straight into detail requests; a list page that
     // cannot be read would end the stream with an `Err` (hence the `try_` form).
-    let mut done = players.fan_out_listed().try_as_completed();
+    let batch = players.fan_out_listed();
+    let progress = batch.progress();
+    let bar = progress_bar(progress.clone(), ids);
+    let mut ok = 0u64;
+    let mut runs = 0u64;
+    let mut first_failure = None;
+    let mut done = batch.try_as_completed();
     while let Some((_id, result)) = done.try_next().await? {
         match result {
             Ok(player) => {
@@ -76,38 +79,60 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 runs += u64::from(player.runs);
             }
             Err(err) => {
-                let reason = match err.status() {
-                    Some(status) => status.to_string(),
-                    None => err.kind().to_string(),
-                };
-                *failures.entry(reason).or_default() += 1;
                 first_failure.get_or_insert_with(|| err.to_string());
             }
         }
     }
-    let wall = started.elapsed();
-    let failed: u64 = failures.values().sum();
+    bar.abort();
+    let _ = bar.await;
 
-    println!();
-    println!("ids          {ids}");
-    println!("concurrency  {concurrency}");
-    println!("ok           {ok}  (total runs {runs})");
-    println!("failed       {failed}");
-    for (reason, count) in &failures {
-        println!("  {reason:<22} {count}");
-    }
+    println!("\n{}", progress.stats());
+    println!("{:<12} {ok} players, {runs} runs between them", "fetched");
     if let Some(example) = first_failure {
-        println!("  e.g. {example}");
+        println!("{:<12} {example}", "e.g.");
     }
-    let requests = api.requests.load(Ordering::Relaxed);
-    let pages = api.pages.load(Ordering::Relaxed);
     println!(
-        "requests     {requests} for details ({} retries after a 503), {pages} list pages",
-        requests.saturating_sub(ids)
+        "{:<12} {} detail requests and {} list pages, concurrency {concurrency}",
+        "server saw",
+        api.requests.load(Ordering::Relaxed),
+        api.pages.load(Ordering::Relaxed),
     );
-    println!("wall time    {:.2} s", wall.as_secs_f64());
-    println!("requests/s   {:.0}", ids as f64 / wall.as_secs_f64());
     Ok(())
+}
+
+/// A progress bar on stderr (drawn only when it is a terminal), fed from the batch's
+/// progress handle ten times a second. The list endpoint does not say how many ids
+/// there are, so the bar's length is what the demo API was told to serve.
+fn progress_bar(progress: Progress, ids: u64) -> tokio::task::JoinHandle<()> {
+    let bar = ProgressBar::new(ids);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40.cyan/blue} {pos}/{len} ids  {msg}  elapsed {elapsed}, ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    tokio::spawn(async move {
+        let _clear = ClearOnDrop(bar.clone());
+        loop {
+            let now = progress.snapshot();
+            bar.set_length(now.total.unwrap_or(ids).max(now.admitted));
+            bar.set_position(now.done());
+            bar.set_message(format!(
+                "{:.0} req/s, {} in flight, {} failed, {} retries",
+                now.rate, now.in_flight, now.failed, now.retries
+            ));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// Clears the bar when its task ends (it is aborted once the run is done).
+struct ClearOnDrop(ProgressBar);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
 }
 
 const PAGE_SIZE: u64 = 100;
