@@ -51,6 +51,10 @@ impl Counters {
         let _ = self.total.set(total);
     }
 
+    pub(crate) fn total(&self) -> Option<u64> {
+        self.total.get().copied()
+    }
+
     pub(crate) fn admitted(&self) {
         self.admitted.fetch_add(1, Relaxed);
     }

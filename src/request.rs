@@ -13,6 +13,9 @@ use crate::progress::Counters;
 use crate::redirect;
 use crate::retry::is_transient_status;
 
+/// A wait for a rate-limit token at least this long is logged (at debug level).
+const LONG_TOKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How much of an error response's body is read, for the message, before giving up
 /// on it. Reading small error bodies to the end lets the connection be reused.
 const ERROR_BODY_BYTES: usize = 64 * 1024;
@@ -57,9 +60,17 @@ pub(crate) async fn ready<'a>(
         && !throttle.try_take()
     {
         let _waiting = progress.waiting_for_token();
+        let started = std::time::Instant::now();
         // Boxed: the wait is rare, and every request's future would otherwise have
         // room for it.
         Box::pin(throttle.wait()).await;
+        let waited = started.elapsed();
+        if waited >= LONG_TOKEN_WAIT {
+            tracing::debug!(
+                waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                "waited for a rate-limit token",
+            );
+        }
     }
     Ok(slot)
 }

@@ -1,6 +1,8 @@
-//! The debug event each retry emits. In a test binary of its own: tracing caches
-//! whether anyone listens per call site, process-wide, and tests on other threads
-//! without a subscriber would otherwise decide that for this one.
+//! What a run writes to `tracing`: a span per batch, per id and per attempt, and
+//! debug events for each retry, each failed id and each long wait for a rate-limit
+//! token. In a test binary of its own: tracing caches whether anyone listens per call
+//! site, process-wide, and tests on other threads without a subscriber would otherwise
+//! decide that for this one.
 
 mod support;
 
@@ -12,7 +14,7 @@ use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 #[tokio::test]
-async fn each_retry_is_logged_at_debug_with_id_attempt_delay_and_reason() {
+async fn spans_and_events_say_which_batch_id_and_attempt() {
     let log = Log::default();
     let writer = log.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -60,5 +62,57 @@ async fn each_retry_is_logged_at_debug_with_id_attempt_delay_and_reason() {
         assert!(line.contains("delay_ms="), "{line}");
         assert!(line.contains("503 Service Unavailable"), "{line}");
     }
+    // Each within its batch's and its id's spans; each attempt in one of its own.
+    for line in &retries {
+        assert!(
+            line.contains("fanout.batch{total=Some(1)}:fanout.id{id=p url=http://"),
+            "{line}"
+        );
+    }
+    for n in 1..=3 {
+        let attempt = format!("}}:fanout.attempt{{n={n}}}: ");
+        assert!(text.contains(&attempt), "no {attempt} in {text}");
+    }
     assert!(!text.contains("s3cret"), "{text}");
+
+    // A final failure, and a wait of over a second for a token.
+    let missing = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&missing)
+        .await;
+    let slow = fanout::Quota::with_period(Duration::from_millis(1500)).unwrap();
+    let fan = FanOut::<String, Item>::builder()
+        .detail_url(&format!("{}/items/{{id}}", missing.uri()))
+        .rate_limit(slow)
+        .concurrency(1)
+        .build()
+        .unwrap();
+    let results = fan
+        .fan_out(["q".to_owned(), "r".to_owned()])
+        .collect_ordered()
+        .await;
+    assert!(results.iter().all(Result::is_err));
+    let text = log.text();
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains(" failed "))
+        .collect();
+    assert_eq!(failed.len(), 2, "{text}");
+    assert!(
+        failed[0].contains("fanout.id{id=q url=http://"),
+        "{}",
+        failed[0]
+    );
+    assert!(
+        failed[0].contains("attempts=1") && failed[0].contains("404"),
+        "{}",
+        failed[0]
+    );
+    let waited: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("waited for a rate-limit token"))
+        .collect();
+    assert_eq!(waited.len(), 1, "{text}");
+    assert!(waited[0].contains("fanout.id{id=r "), "{}", waited[0]);
 }

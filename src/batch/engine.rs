@@ -61,6 +61,8 @@ pub(crate) struct Core<Id, T> {
     /// Set by outputs that end at the first error, so that an error frees no slot
     /// for a request nobody will wait for.
     stop_on_error: bool,
+    /// `fanout.batch`, entered while the engine polls: the parent of its ids' spans.
+    span: tracing::Span,
 }
 
 impl<Id, T> Core<Id, T>
@@ -79,6 +81,7 @@ where
         {
             scope.progress.set_total(low as u64);
         }
+        let span = tracing::debug_span!("fanout.batch", total = ?scope.progress.total());
         Core {
             scope,
             ids: Some(ids),
@@ -91,6 +94,7 @@ where
             in_runtime: None,
             url_text: String::new(),
             stop_on_error: false,
+            span,
         }
     }
 
@@ -137,6 +141,8 @@ where
         cx: &mut Context<'_>,
         admit_below: u64,
     ) -> Poll<Option<Done<Id, T>>> {
+        let span = self.span.clone();
+        let _entered = span.enter();
         self.scope.progress.start();
         self.admit(cx, admit_below);
         let done = match self.finished.pop_front() {
@@ -163,6 +169,7 @@ where
     /// aside the outcome of the first to finish. Returns whether one finished: `false`
     /// means none is left to poll until a new wake-up.
     pub(crate) fn drive_one(&mut self, cx: &mut Context<'_>) -> bool {
+        let _entered = self.span.enter();
         match self.running.poll_next(cx) {
             Poll::Ready(Some(done)) => {
                 let done = self.counted(done);

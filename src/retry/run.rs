@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use backon::ExponentialBackoff;
 use serde::de::DeserializeOwned;
 use tokio::time::{Instant, timeout_at};
+use tracing::Instrument;
 use url::Url;
 
 use super::policy::FailedAttempt;
@@ -40,12 +41,16 @@ impl Scope {
 
 /// Fetches and decodes the record for `id` at `url`, retrying as the policy allows.
 /// Every error names the id and how many attempts were made.
+///
+/// Runs in a `fanout.id` span (at debug level) with the id and the URL; each attempt
+/// in a `fanout.attempt` span within it, with its number.
 pub(crate) fn fetch<T: DeserializeOwned>(
     scope: Arc<Scope>,
     id: String,
     url: Url,
 ) -> impl Future<Output = Result<T, Error>> + Send {
-    attempts(scope, Some(id), url, decode)
+    let span = tracing::debug_span!("fanout.id", id = %id, url = %url);
+    attempts(scope, Some(id), url, decode).instrument(span)
 }
 
 /// Fetches `url` (a list page, not an id's record), retrying as the policy allows, and
@@ -124,7 +129,10 @@ fn attempts<T>(
             // Boxed: the attempt is most of an id's state, and both halves are then
             // small enough for the allocator's per-thread cache, which one large box
             // is not.
-            let sending = Box::pin(send(shared, url.clone()));
+            let sending = Box::pin(
+                send(shared, url.clone())
+                    .instrument(tracing::debug_span!("fanout.attempt", n = made)),
+            );
             // In a block of its own, so that the attempt's result takes no room in the
             // future while it sleeps before the next attempt.
             let failure = {
@@ -163,6 +171,9 @@ fn attempts<T>(
             last = Some(error);
             sleepers.sleep_until(resume).await;
         };
+        if let Err(err) = &outcome {
+            tracing::debug!(error = %err, attempts = err.attempts(), "failed");
+        }
         match id {
             Some(id) => outcome.map_err(|err| err.with_id_text(id)),
             None => outcome,
