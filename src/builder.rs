@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use crate::error::{Error, ErrorKind};
+use crate::event::{Event, OnEvent};
 use crate::fanout::{FanOut, Shared};
 use crate::list::{ListSettings, Pagination};
 use crate::rate::{RateLimiter, Throttle};
@@ -73,6 +74,7 @@ pub struct FanOutBuilder<Id, T> {
     query: Vec<(String, String)>,
     /// The first bad header, reported by `build()` so that setters never fail.
     header_error: Option<Error>,
+    on_event: Option<OnEvent>,
     _types: PhantomData<fn(Id) -> T>,
 }
 
@@ -97,6 +99,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
             headers: HeaderMap::new(),
             query: Vec::new(),
             header_error: None,
+            on_event: None,
             _types: PhantomData,
         }
     }
@@ -383,6 +386,38 @@ impl<Id, T> FanOutBuilder<Id, T> {
         self
     }
 
+    /// Calls `callback` for what happens to each id: an attempt started, a retry
+    /// planned, the id succeeded or failed (see [`Event`]). For wiring your own
+    /// metrics (Prometheus, StatsD) or logs.
+    ///
+    /// It runs inline, on the task that polls the requests, so it must be quick and
+    /// must not block: increment a counter, send on a channel. A panic in it fails the
+    /// id it was called for. Replaces an earlier callback.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use fanout::{Event, FanOut};
+    ///
+    /// let retries = Arc::new(AtomicU64::new(0));
+    /// let counted = Arc::clone(&retries);
+    /// let api = FanOut::<u64, serde_json::Value>::builder()
+    ///     .detail_url("https://api.example.com/items/{id}")
+    ///     .on_event(move |event| {
+    ///         if let Event::Retrying { .. } = event {
+    ///             counted.fetch_add(1, Ordering::Relaxed);
+    ///         }
+    ///     })
+    ///     .build()?;
+    /// # Ok::<(), fanout::Error>(())
+    /// ```
+    ///
+    /// Default: none.
+    pub fn on_event(mut self, callback: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        self.on_event = Some(OnEvent::new(callback));
+        self
+    }
+
     fn header_failed(mut self, message: String) -> Self {
         self.header_error
             .get_or_insert_with(|| Error::new(ErrorKind::InvalidHeader, message));
@@ -508,6 +543,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
             list,
             dedup_ids: self.dedup_ids,
             redirects_stay_on_host,
+            on_event: self.on_event,
         })))
     }
 
@@ -590,6 +626,7 @@ impl<Id, T> fmt::Debug for FanOutBuilder<Id, T> {
             // Names only: any header may carry a secret.
             .field("headers", &HeaderNames(&self.headers))
             .field("query", &self.query.len())
+            .field("on_event", &self.on_event.is_some())
             .finish_non_exhaustive()
     }
 }

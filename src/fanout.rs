@@ -14,6 +14,7 @@ use crate::batch::Batch;
 use crate::builder::FanOutBuilder;
 use crate::dedup::Seen;
 use crate::error::Error;
+use crate::event::OnEvent;
 use crate::list::{ListSettings, Lister, listed_ids};
 use crate::rate::Throttle;
 use crate::retry::RetryPolicy;
@@ -59,6 +60,8 @@ pub(crate) struct Shared {
     /// The client is fanout's own and does not follow redirects to another host,
     /// because a header set with `header()` would go along.
     pub(crate) redirects_stay_on_host: bool,
+    /// The callback set with `on_event`, if any.
+    pub(crate) on_event: Option<OnEvent>,
 }
 
 impl<Id, T> FanOut<Id, T> {

@@ -263,3 +263,55 @@ async fn latency_percentiles_match_the_servers_delays() {
     // 20 at a time, each 50 or 300 ms: at least 5 rounds, one of them slow.
     assert!(stats.wall_time >= ms(300), "{stats}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_match_the_servers_record_and_the_run_stats() {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use fanout::Event;
+
+    // Ids ending in 0 answer 404; ids ending in 1 fail once with a 503.
+    let server = ChaosServer::scripted(|id, attempt| match id.chars().last() {
+        Some('0') => Fault::Status(404),
+        Some('1') if attempt == 1 => Fault::Status(503),
+        _ => Fault::Fine,
+    });
+    let seen: Arc<Mutex<HashMap<&'static str, Vec<String>>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let fan = FanOut::<String, Item>::builder()
+        .detail_url(&server.template())
+        .concurrency(8)
+        .retry(quick_retries())
+        .on_event(move |event| {
+            let (what, id) = match event {
+                Event::Started { id, attempt } => ("started", format!("{id}#{attempt}")),
+                Event::Retrying { id, attempt, .. } => ("retrying", format!("{id}#{attempt}")),
+                Event::Succeeded { id, attempts } => ("succeeded", format!("{id}#{attempts}")),
+                Event::Failed { id, error } => ("failed", format!("{id}#{}", error.attempts())),
+                _ => ("other", String::new()),
+            };
+            record.lock().unwrap().entry(what).or_default().push(id);
+        })
+        .build()
+        .unwrap();
+    // 100 ids, and one (`..`) that fails without being sent.
+    let ids = (0..100).map(|n| n.to_string()).chain(["..".to_owned()]);
+    let (results, stats) = fan.fan_out(ids).collect_ordered_with_stats().await;
+    assert_eq!(results.len(), 101);
+
+    let seen = seen.lock().unwrap();
+    let count = |what| seen.get(what).map_or(0, Vec::len) as u64;
+    assert_eq!(count("started"), server.visits().len() as u64);
+    assert_eq!(count("started"), stats.requests);
+    assert_eq!(count("retrying"), stats.retries);
+    assert_eq!(count("retrying"), 10);
+    assert_eq!(count("succeeded"), stats.succeeded);
+    assert_eq!(count("failed"), stats.failed);
+    assert_eq!((stats.succeeded, stats.failed), (90, 11));
+    assert!(seen["retrying"].contains(&"1#1".to_owned()));
+    assert!(seen["succeeded"].contains(&"1#2".to_owned()));
+    assert!(seen["failed"].contains(&"10#1".to_owned()));
+    assert!(seen["failed"].contains(&"..#0".to_owned()));
+    assert_eq!(count("other"), 0);
+}

@@ -23,6 +23,7 @@ use url::Url;
 
 use crate::dedup::Seen;
 use crate::error::{Error, ErrorKind};
+use crate::event::Event;
 use crate::fanout::Shared;
 use crate::retry::{Scope, fetch};
 
@@ -247,6 +248,11 @@ where
                     "the id's Display implementation returned an error",
                 ))
             };
+            if let (Err(error), Some(on_event)) = (&start, &self.scope.shared.on_event) {
+                // Never sent: the request will not say so itself.
+                let id = error.id().unwrap_or_default();
+                on_event.call(&Event::Failed { id, error });
+            }
             self.running.push(self.next_seq, id, start);
             self.scope.progress.admitted();
             self.next_seq += 1;

@@ -15,6 +15,7 @@ use super::policy::FailedAttempt;
 use super::retry_after::retry_after;
 use crate::batch::Sleepers;
 use crate::error::{Error, ErrorKind};
+use crate::event::Event;
 use crate::fanout::Shared;
 use crate::progress::Counters;
 use crate::request::{Answer, Failure, decode, ready, send};
@@ -112,6 +113,9 @@ fn attempts<T>(
                 Err(err) => break Err(err),
             };
             made = made.saturating_add(1);
+            if let (Some(on_event), Some(id)) = (&shared.on_event, &id) {
+                on_event.call(&Event::Started { id, attempt: made });
+            }
             let on_the_wire = progress.sending();
             let now = Instant::now();
             let first = *first_sent.get_or_insert(now);
@@ -168,15 +172,39 @@ fn attempts<T>(
                 "retrying",
             );
             progress.retried(&error);
+            if let (Some(on_event), Some(id)) = (&shared.on_event, &id) {
+                on_event.call(&Event::Retrying {
+                    id,
+                    attempt: made,
+                    delay,
+                    error: &error,
+                });
+            }
             last = Some(error);
             sleepers.sleep_until(resume).await;
         };
         if let Err(err) = &outcome {
             tracing::debug!(error = %err, attempts = err.attempts(), "failed");
         }
-        match id {
-            Some(id) => outcome.map_err(|err| err.with_id_text(id)),
-            None => outcome,
+        let Some(id) = id else { return outcome };
+        match outcome {
+            Ok(value) => {
+                if let Some(on_event) = &shared.on_event {
+                    on_event.call(&Event::Succeeded {
+                        id: &id,
+                        attempts: made,
+                    });
+                }
+                Ok(value)
+            }
+            Err(err) => {
+                let err = err.with_id_text(id);
+                if let Some(on_event) = &shared.on_event {
+                    let id = err.id().unwrap_or_default();
+                    on_event.call(&Event::Failed { id, error: &err });
+                }
+                Err(err)
+            }
         }
     }
 }
