@@ -13,7 +13,7 @@
 //! client process of its own (`--client`), so that peak RSS and CPU time are that
 //! client's alone and no connection pool carries over. A run warms up (2 ×
 //! concurrency requests) and then times `--requests` requests, all decoded into the
-//! same struct, with one of four clients:
+//! same struct, with one of six clients:
 //!
 //! - `buffered`: `stream::iter(ids).map(|id| fetch(id)).buffer_unordered(n)`, the
 //!   hand-written reqwest loop;
@@ -22,9 +22,12 @@
 //!   one safeguard such a loop should have, to tell the cost of a timer per request
 //!   from the rest of `fanout`'s;
 //! - `as_completed` and `collect_ordered`: `fanout`, with a retry policy, a rate
-//!   limit set too high to bind, a body size cap and a per-attempt timeout.
+//!   limit set too high to bind, a body size cap and a per-attempt timeout;
+//! - `watched`: `as_completed` with what a user watching a long run adds: an
+//!   `on_event` callback counting events, a task reading `progress()` ten times a
+//!   second, and `stats()` at the end.
 //!
-//! Within a round the five run back to back, in an order shuffled from round to round.
+//! Within a round the six run back to back, in an order shuffled from round to round.
 //! Each variant's ratio to `buffered` is taken within a round and the median over the
 //! rounds is reported, so slow phases of a noisy machine hit both sides of a ratio.
 //! "Best a/b" is whichever of (a) and (b) has the higher median rate.
@@ -50,6 +53,7 @@ use std::num::NonZeroU32;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -96,14 +100,16 @@ enum Variant {
     TimedOut,
     AsCompleted,
     Ordered,
+    Watched,
 }
 
-const VARIANTS: [Variant; 5] = [
+const VARIANTS: [Variant; 6] = [
     Variant::Buffered,
     Variant::Spawned,
     Variant::TimedOut,
     Variant::AsCompleted,
     Variant::Ordered,
+    Variant::Watched,
 ];
 
 impl Variant {
@@ -114,6 +120,7 @@ impl Variant {
             Variant::TimedOut => "buffered_timeout",
             Variant::AsCompleted => "as_completed",
             Variant::Ordered => "collect_ordered",
+            Variant::Watched => "watched",
         }
     }
 
@@ -124,6 +131,7 @@ impl Variant {
             Variant::TimedOut => "(a') (a) + 30 s timeout",
             Variant::AsCompleted => "(c) fanout as_completed",
             Variant::Ordered => "(d) fanout collect_ordered",
+            Variant::Watched => "(e) (c), watched",
         }
     }
 }
@@ -369,16 +377,23 @@ fn client(variant: Variant, addr: SocketAddr, concurrency: usize, requests: u64)
                 run(warm_up).await;
                 timed(run(ids)).await
             }
-            Variant::AsCompleted | Variant::Ordered => {
-                let fan = FanOut::<u64, Player>::builder()
+            Variant::AsCompleted | Variant::Ordered | Variant::Watched => {
+                let events = Arc::new(AtomicU64::new(0));
+                let counted = Arc::clone(&events);
+                let mut builder = FanOut::<u64, Player>::builder()
                     .detail_url(&format!("{base}/items/{{id}}"))
                     .concurrency(concurrency)
                     .retry(RetryPolicy::exponential().max_retries(3))
                     .rate_limit(Quota::per_second(NonZeroU32::MAX))
                     .max_body_bytes(1 << 20)
-                    .timeout(Duration::from_secs(30))
-                    .build()
-                    .unwrap();
+                    .timeout(Duration::from_secs(30));
+                if variant == Variant::Watched {
+                    // What a user wiring metrics would do: count every event.
+                    builder = builder.on_event(move |_| {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    });
+                }
+                let fan = builder.build().unwrap();
                 let run = |ids| with_fanout(variant, &fan, ids);
                 run(warm_up).await;
                 timed(run(ids)).await
@@ -440,13 +455,34 @@ async fn by_hand(
     }
 }
 
-/// `fanout`'s two outputs: (c) and (d).
+/// `fanout`'s two outputs, (c) and (d), and (c) watched as a user would: (e).
 async fn with_fanout(
     variant: Variant,
     fan: &FanOut<u64, Player>,
     ids: std::ops::Range<u64>,
 ) -> u64 {
     let batch = fan.fan_out(ids);
+    if variant == Variant::Watched {
+        // A progress reader ten times a second, as a progress bar would be, and the
+        // run's statistics at the end.
+        let progress = batch.progress();
+        let reader = progress.clone();
+        let watcher = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                std::hint::black_box(reader.snapshot());
+            }
+        });
+        let ok = batch
+            .as_completed()
+            .fold(0, |ok, (_, result)| async move {
+                ok + u64::from(result.is_ok())
+            })
+            .await;
+        watcher.abort();
+        std::hint::black_box(progress.stats());
+        return ok;
+    }
     if variant == Variant::AsCompleted {
         batch
             .as_completed()

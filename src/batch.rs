@@ -9,7 +9,7 @@ mod reorder;
 mod sleepers;
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use futures::stream::BoxStream;
 use serde::de::DeserializeOwned;
@@ -57,8 +57,17 @@ where
     T: DeserializeOwned + Send + 'static,
 {
     pub(crate) fn new(shared: Arc<Shared>, ids: BoxStream<'static, Result<Id, Error>>) -> Self {
+        Self::with_total(shared, ids, Arc::default())
+    }
+
+    /// A batch whose number of ids whoever holds `total` may learn as it goes.
+    pub(crate) fn with_total(
+        shared: Arc<Shared>,
+        ids: BoxStream<'static, Result<Id, Error>>,
+        total: Arc<OnceLock<u64>>,
+    ) -> Self {
         Batch {
-            core: Core::new(shared, ids),
+            core: Core::new(shared, ids, total),
         }
     }
 

@@ -62,6 +62,7 @@ pub struct FanOutBuilder<Id, T> {
     id_field: String,
     pagination: Pagination,
     max_pages: usize,
+    total_at: Option<String>,
     dedup_ids: bool,
     concurrency: usize,
     rate: Option<Rate>,
@@ -88,6 +89,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
             id_field: "id".to_owned(),
             pagination: Pagination::none(),
             max_pages: DEFAULT_MAX_PAGES,
+            total_at: None,
             dedup_ids: false,
             concurrency: DEFAULT_CONCURRENCY,
             rate: None,
@@ -157,6 +159,18 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// Default: `id`.
     pub fn id_field(mut self, name: impl Into<String>) -> Self {
         self.id_field = name.into();
+        self
+    }
+
+    /// Where in a list page's JSON the number of ids in the whole list is, as a JSON
+    /// pointer (`/meta/total` for `{"data": [...], "meta": {"total": 4000000}}`). The
+    /// first page that has it gives [`fan_out_listed`](FanOut::fan_out_listed)'s
+    /// [`Progress`](crate::Progress) its total (unless [`dedup_ids`](Self::dedup_ids)
+    /// is on, since repeats would make it wrong).
+    ///
+    /// Default: none; a listed batch's total is unknown.
+    pub fn total_at(mut self, pointer: impl Into<String>) -> Self {
+        self.total_at = Some(pointer.into());
         self
     }
 
@@ -440,8 +454,8 @@ impl<Id, T> FanOutBuilder<Id, T> {
     ///   `reorder_window` or `requests_per_second` is 0, `concurrency` exceeds
     ///   2<sup>60</sup>, `timeout` or `deadline` is zero, the retry policy's
     ///   `max_delay` is shorter than its `initial_delay` (or its `initial_delay` is
-    ///   zero and its `max_delay` is not), `max_pages` is 0, `ids_at` or a pagination
-    ///   pointer is not a JSON pointer, a pagination parameter name is empty or its
+    ///   zero and its `max_delay` is not), `max_pages` is 0, `ids_at`, `total_at` or a
+    ///   pagination pointer is not a JSON pointer, a pagination parameter name is empty or its
     ///   page size 0, or the default HTTP client cannot be created.
     pub fn build(self) -> Result<FanOut<Id, T>, Error> {
         if let Some(err) = self.header_error {
@@ -567,6 +581,11 @@ impl<Id, T> FanOutBuilder<Id, T> {
                     .to_owned(),
             ));
         }
+        if let Some(at) = self.total_at.as_ref().filter(|at| !at.starts_with('/')) {
+            return Err(config(format!(
+                "total_at {at:?} must be a JSON pointer starting with `/`"
+            )));
+        }
         if !self.ids_at.is_empty() && !self.ids_at.starts_with('/') {
             return Err(config(format!(
                 "ids_at {:?} must be a JSON pointer: empty, or starting with `/`",
@@ -582,6 +601,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
         Ok(ListSettings {
             url: parsed,
             ids_at: self.ids_at.clone(),
+            total_at: self.total_at.clone(),
             id_field: self.id_field.clone(),
             pagination: self.pagination.style.clone(),
             max_pages: self.max_pages,

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -176,8 +176,9 @@ where
     /// # Ok(()) }
     /// ```
     pub fn fan_out_listed(&self) -> Batch<Id, T> {
-        let pages = listed_ids::<Id>(Arc::clone(&self.shared));
-        Batch::new(Arc::clone(&self.shared), pages)
+        let total = Arc::new(OnceLock::new());
+        let pages = listed_ids::<Id>(Arc::clone(&self.shared), Arc::clone(&total));
+        Batch::with_total(Arc::clone(&self.shared), pages, total)
     }
 
     /// Every id the list endpoint ([`FanOutBuilder::list_url`]) gives, following its

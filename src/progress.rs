@@ -22,7 +22,8 @@ pub(crate) struct Counters {
     started: OnceLock<Instant>,
     /// When the last outcome was handed out.
     ended: OnceLock<Instant>,
-    total: OnceLock<u64>,
+    /// Shared with a list's pages when they say how many ids there are.
+    total: Arc<OnceLock<u64>>,
     admitted: AtomicU64,
     succeeded: AtomicU64,
     failed: AtomicU64,
@@ -53,6 +54,14 @@ impl Counters {
 
     pub(crate) fn total(&self) -> Option<u64> {
         self.total.get().copied()
+    }
+
+    /// Counts whose total is whatever `total` is set to, by whoever learns it.
+    pub(crate) fn with_total(total: Arc<OnceLock<u64>>) -> Self {
+        Counters {
+            total,
+            ..Counters::default()
+        }
     }
 
     pub(crate) fn admitted(&self) {
@@ -256,7 +265,8 @@ pub struct Snapshot {
     /// Ids waiting out the delay before a retry (they hold no slot).
     pub in_backoff: u64,
     /// How many ids the batch has, when known: from an input whose size is exact (a
-    /// `Vec`, a range, an `ExactSizeIterator`) and with `dedup_ids` off.
+    /// `Vec`, a range, an `ExactSizeIterator`), or from a list page that says so
+    /// ([`total_at`](crate::FanOutBuilder::total_at)); never with `dedup_ids` on.
     pub total: Option<u64>,
     /// Time since the batch was first polled.
     pub elapsed: Duration,

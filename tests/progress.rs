@@ -315,3 +315,61 @@ async fn events_match_the_servers_record_and_the_run_stats() {
     assert!(seen["failed"].contains(&"..#0".to_owned()));
     assert_eq!(count("other"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_that_says_how_many_ids_it_has_gives_the_total() {
+    use wiremock::matchers::path;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let server = MockServer::start().await;
+    let page = |ids: std::ops::Range<u32>, next: Option<&str>| {
+        let ids: Vec<u32> = ids.collect();
+        ResponseTemplate::new(200)
+            .set_body_json(serde_json::json!({"data": ids, "meta": {"total": 150}, "next": next}))
+    };
+    Mock::given(path("/list"))
+        .respond_with(page(0..100, Some("/list2")))
+        .mount(&server)
+        .await;
+    Mock::given(path("/list2"))
+        .respond_with(page(100..150, None))
+        .mount(&server)
+        .await;
+    Mock::given(wiremock::matchers::path_regex("^/items/"))
+        .respond_with(support::echo_id)
+        .mount(&server)
+        .await;
+    let listed = |total_at: &str, dedup| {
+        FanOut::<u32, Item>::builder()
+            .list_url(&format!("{}/list", server.uri()))
+            .ids_at("/data")
+            .paginate(fanout::Pagination::next_url_at("/next"))
+            .total_at(total_at)
+            .dedup_ids(dedup)
+            .detail_url(&format!("{}/items/{{id}}", server.uri()))
+            .build()
+            .unwrap()
+    };
+
+    let batch = listed("/meta/total", false).fan_out_listed();
+    let progress = batch.progress();
+    assert_eq!(progress.snapshot().total, None, "no page read yet");
+    let results = batch.collect_ordered().await;
+    assert_eq!(results.len(), 150);
+    assert_eq!(progress.snapshot().total, Some(150));
+
+    // A pointer to nothing, or repeats dropped: no total.
+    for (total_at, dedup) in [("/meta/count", false), ("/meta/total", true)] {
+        let batch = listed(total_at, dedup).fan_out_listed();
+        let progress = batch.progress();
+        assert_eq!(batch.collect_ordered().await.len(), 150);
+        assert_eq!(progress.snapshot().total, None, "{total_at} {dedup}");
+    }
+    let err = FanOut::<u32, Item>::builder()
+        .detail_url("http://127.0.0.1:9/items/{id}")
+        .list_url("http://127.0.0.1:9/list")
+        .total_at("meta/total")
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("total_at"), "{err}");
+}

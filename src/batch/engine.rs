@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::fmt::{Display, Write as _};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use futures::future::Either;
@@ -25,6 +25,7 @@ use crate::dedup::Seen;
 use crate::error::{Error, ErrorKind};
 use crate::event::Event;
 use crate::fanout::Shared;
+use crate::progress::Counters;
 use crate::retry::{Scope, fetch};
 
 /// How many ids may be admitted per concurrency slot, counting those asleep between
@@ -71,10 +72,16 @@ where
     Id: Display + Send + 'static,
     T: DeserializeOwned + Send + 'static,
 {
-    pub(crate) fn new(shared: Arc<Shared>, ids: BoxStream<'static, Result<Id, Error>>) -> Self {
+    /// `total` is the batch's number of ids, once someone (a list page) says it; an
+    /// input of exact size sets it here.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        ids: BoxStream<'static, Result<Id, Error>>,
+        total: Arc<OnceLock<u64>>,
+    ) -> Self {
         let max_admitted = shared.concurrency.saturating_mul(ADMITTED_PER_SLOT);
         let seen = shared.dedup_ids.then(Seen::default);
-        let scope = Scope::new(shared);
+        let scope = Scope::with_progress(shared, Counters::with_total(total));
         // Repeats dropped unseen would make the input's size a wrong total.
         if let (low, Some(high)) = ids.size_hint()
             && low == high

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,6 +33,8 @@ pub(crate) struct ListSettings {
     pub(crate) id_field: String,
     pub(crate) pagination: Style,
     pub(crate) max_pages: usize,
+    /// Where a page says how many ids the whole list has, if it does.
+    pub(crate) total_at: Option<String>,
 }
 
 /// Fetches one page at a time, on request.
@@ -49,6 +51,8 @@ pub(crate) struct Lister<Id> {
     repeats: u32,
     /// A failure found with the last page, reported after its ids.
     pending: Option<Error>,
+    /// Where the list's total goes when a page gives it (the batch's progress).
+    total: Option<Arc<OnceLock<u64>>>,
     _ids: PhantomData<fn() -> Id>,
 }
 
@@ -69,8 +73,18 @@ impl<Id: DeserializeOwned> Lister<Id> {
             last_page: None,
             repeats: 0,
             pending: None,
+            total: None,
             _ids: PhantomData,
         })
+    }
+
+    /// Reports the list's total there when a page gives it (see `total_at`), unless
+    /// repeats are dropped, which would make it wrong.
+    fn reporting_total(mut self, total: Arc<OnceLock<u64>>) -> Self {
+        if !self.shared.dedup_ids {
+            self.total = Some(total);
+        }
+        self
     }
 
     /// The next page's ids; `None` after the last page (or after an error).
@@ -89,6 +103,7 @@ impl<Id: DeserializeOwned> Lister<Id> {
             )));
         }
         let cursor = &mut self.cursor;
+        let total = self.total.as_deref();
         let read = |answer: Answer| {
             let body: Value = serde_json::from_slice(answer.body()).map_err(|err| {
                 answer.unusable(
@@ -96,6 +111,11 @@ impl<Id: DeserializeOwned> Lister<Id> {
                     format!("the list page is not JSON: {err}"),
                 )
             })?;
+            if let (Some(total), Some(at)) = (total, &list.total_at)
+                && let Some(count) = body.pointer(at).and_then(Value::as_u64)
+            {
+                let _ = total.set(count);
+            }
             let (ids, items) = shape::ids::<Id>(&body, &list.ids_at, &list.id_field)
                 .map_err(|message| answer.unusable(ErrorKind::Decode, message))?;
             let fingerprint = fingerprint(items);
@@ -175,12 +195,17 @@ impl<Id: DeserializeOwned> Lister<Id> {
 /// The listed ids as a batch's source. Each page is fetched in a task of its own when
 /// the batch wants more ids, so that once started it runs to the end (and its timeout
 /// is its own) whether or not the batch's consumer is polling at the time.
-pub(crate) fn listed_ids<Id>(shared: Arc<Shared>) -> BoxStream<'static, Result<Id, Error>>
+///
+/// When a page says how many ids the list has (`total_at`), the count goes to `total`.
+pub(crate) fn listed_ids<Id>(
+    shared: Arc<Shared>,
+    total: Arc<OnceLock<u64>>,
+) -> BoxStream<'static, Result<Id, Error>>
 where
     Id: DeserializeOwned + Send + 'static,
 {
     let lister = match Lister::<Id>::new(shared) {
-        Ok(lister) => lister,
+        Ok(lister) => lister.reporting_total(total),
         Err(err) => return stream::iter([Err(err)]).boxed(),
     };
     stream::unfold(Some(lister), |lister| async move {

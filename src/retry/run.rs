@@ -32,10 +32,14 @@ pub(crate) struct Scope {
 
 impl Scope {
     pub(crate) fn new(shared: Arc<Shared>) -> Arc<Self> {
+        Self::with_progress(shared, Counters::default())
+    }
+
+    pub(crate) fn with_progress(shared: Arc<Shared>, progress: Counters) -> Arc<Self> {
         Arc::new(Scope {
             shared,
             sleepers: Sleepers::default(),
-            progress: Counters::default(),
+            progress,
         })
     }
 }
