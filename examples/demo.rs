@@ -55,6 +55,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let players = FanOut::<u64, Player>::builder()
         .list_url(&format!("http://{addr}/players?per_page={PAGE_SIZE}"))
         .ids_at("/data")
+        .total_at("/meta/total")
         .paginate(Pagination::link_header())
         .detail_url(&format!("http://{addr}/players/{{id}}"))
         .query(&[("include", "career")])
@@ -67,7 +68,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // cannot be read would end the stream with an `Err` (hence the `try_` form).
     let batch = players.fan_out_listed();
     let progress = batch.progress();
-    let bar = progress_bar(progress.clone(), ids);
+    let bar = progress_bar(progress.clone());
     let mut ok = 0u64;
     let mut runs = 0u64;
     let mut first_failure = None;
@@ -101,10 +102,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// A progress bar on stderr (drawn only when it is a terminal), fed from the batch's
-/// progress handle ten times a second. The list endpoint does not say how many ids
-/// there are, so the bar's length is what the demo API was told to serve.
-fn progress_bar(progress: Progress, ids: u64) -> tokio::task::JoinHandle<()> {
-    let bar = ProgressBar::new(ids);
+/// progress handle ten times a second. Its length is the total the list's first page
+/// gives (`total_at`), as soon as that has been read.
+fn progress_bar(progress: Progress) -> tokio::task::JoinHandle<()> {
+    let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:40.cyan/blue} {pos}/{len} ids  {msg}  elapsed {elapsed}, ETA {eta}",
@@ -115,7 +116,7 @@ fn progress_bar(progress: Progress, ids: u64) -> tokio::task::JoinHandle<()> {
         let _clear = ClearOnDrop(bar.clone());
         loop {
             let now = progress.snapshot();
-            bar.set_length(now.total.unwrap_or(ids).max(now.admitted));
+            bar.set_length(now.total.unwrap_or(now.admitted));
             bar.set_position(now.done());
             bar.set_message(format!(
                 "{:.0} req/s, {} in flight, {} failed, {} retries",
@@ -165,8 +166,8 @@ struct ListQuery {
     per_page: u64,
 }
 
-/// `GET /players?per_page=100&page=2`: `{"data": [{"id": 101}, ...]}`, with a `Link`
-/// header to the next page.
+/// `GET /players?per_page=100&page=2`: `{"data": [{"id": 101}, ...], "meta": {"total": 3000}}`,
+/// with a `Link` header to the next page.
 async fn list(State(api): State<Arc<Api>>, Query(query): Query<ListQuery>) -> Response {
     api.pages.fetch_add(1, Ordering::Relaxed);
     let page = query.page.unwrap_or(1).max(1);
@@ -176,7 +177,8 @@ async fn list(State(api): State<Arc<Api>>, Query(query): Query<ListQuery>) -> Re
     let data: Vec<_> = (first..=last)
         .map(|id| serde_json::json!({ "id": id }))
         .collect();
-    let mut response = axum::Json(serde_json::json!({ "data": data })).into_response();
+    let body = serde_json::json!({ "data": data, "meta": { "total": api.players } });
+    let mut response = axum::Json(body).into_response();
     if last < api.players {
         let next = format!(
             "</players?per_page={per_page}&page={}>; rel=\"next\"",
