@@ -389,7 +389,8 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// the template has. Can be called more than once.
     ///
     /// They become part of each request's URL, so they also appear in
-    /// [`Error::url`](crate::Error::url) and error messages. Prefer
+    /// [`Error::url`](crate::Error::url), error messages and the `fanout.id` tracing
+    /// span. Prefer
     /// [`bearer_auth`](Self::bearer_auth) or [`header`](Self::header) for secrets when
     /// the API accepts them there.
     ///
@@ -405,8 +406,10 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// metrics (Prometheus, StatsD) or logs.
     ///
     /// It runs inline, on the task that polls the requests, so it must be quick and
-    /// must not block: increment a counter, send on a channel. A panic in it fails the
-    /// id it was called for. Replaces an earlier callback.
+    /// must not block: increment a counter, send on a channel. A panic in it is caught
+    /// and logged (a `warn` event), and changes nothing else. An id whose request
+    /// panicked (in `T`'s `Deserialize`, say) gets no `Failed` event. Replaces an
+    /// earlier callback.
     ///
     /// ```
     /// use std::sync::Arc;

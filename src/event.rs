@@ -13,6 +13,7 @@ use crate::error::Error;
 #[non_exhaustive]
 pub enum Event<'a> {
     /// An attempt has its concurrency slot and rate-limit token and is being sent.
+    #[non_exhaustive]
     Started {
         /// The id.
         id: &'a str,
@@ -20,6 +21,7 @@ pub enum Event<'a> {
         attempt: u32,
     },
     /// An attempt failed, and the id tries again after `delay`.
+    #[non_exhaustive]
     Retrying {
         /// The id.
         id: &'a str,
@@ -31,6 +33,7 @@ pub enum Event<'a> {
         error: &'a Error,
     },
     /// The id's outcome is a value.
+    #[non_exhaustive]
     Succeeded {
         /// The id.
         id: &'a str,
@@ -38,6 +41,7 @@ pub enum Event<'a> {
         attempts: u32,
     },
     /// The id's outcome is this error (which names the id and the attempts made).
+    #[non_exhaustive]
     Failed {
         /// The id.
         id: &'a str,
@@ -55,8 +59,16 @@ impl OnEvent {
         OnEvent(Arc::new(callback))
     }
 
+    /// Calls the callback. A panic in it is caught and logged: it must not decide an
+    /// id's outcome, nor reach the consumer.
     pub(crate) fn call(&self, event: &Event<'_>) {
-        (self.0)(event);
+        let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.0)(event)));
+        if called.is_err() {
+            tracing::warn!(
+                ?event,
+                "the on_event callback panicked; the panic was caught"
+            );
+        }
     }
 }
 

@@ -2,7 +2,8 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -10,13 +11,16 @@ use crate::error::Error;
 use crate::retry::Scope;
 use crate::stats::{Recorded, RunStats};
 
-/// How far back [`Snapshot::rate`] looks.
+/// How far back [`Snapshot::rate`] looks, about.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
-/// The most snapshots kept for the rate; older ones are dropped first.
-const RATE_SAMPLES: usize = 64;
+/// The most snapshots kept for the rate: one per [`RATE_WINDOW`] / this at most.
+const RATE_SAMPLES: u32 = 50;
+/// A rate over less time than this says little: the average since the start instead.
+const RATE_SHORTEST: Duration = Duration::from_millis(100);
 
-/// The counts one batch keeps as it runs. Each is updated with one relaxed atomic
-/// operation where the event happens; nothing on a request's path takes a lock.
+/// The counts one batch keeps as it runs. Each is updated with one atomic operation
+/// where the event happens; what only `RunStats` reports (latencies, causes) is
+/// recorded under a lock that no two requests contend for.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     started: OnceLock<Instant>,
@@ -70,11 +74,13 @@ impl Counters {
 
     pub(crate) fn finished<T>(&self, result: &Result<T, Error>) {
         match result {
+            // Release, and Acquire where they are read: a reader that sees an outcome
+            // also sees its id's admission, so done() never exceeds admitted.
             Ok(_) => {
-                self.succeeded.fetch_add(1, Relaxed);
+                self.succeeded.fetch_add(1, Release);
             }
             Err(err) => {
-                self.failed.fetch_add(1, Relaxed);
+                self.failed.fetch_add(1, Release);
                 self.recorded().failed(err);
             }
         }
@@ -176,10 +182,16 @@ impl Progress {
             (Some(started), None) => now.duration_since(*started),
             (None, _) => Duration::ZERO,
         };
-        counters.recorded().summary(
+        // Copied out, so that the summary's work holds up no request.
+        let recorded = counters.recorded().clone();
+        let (succeeded, failed) = (
+            counters.succeeded.load(Acquire),
+            counters.failed.load(Acquire),
+        );
+        recorded.summary(
             counters.admitted.load(Relaxed),
-            counters.succeeded.load(Relaxed),
-            counters.failed.load(Relaxed),
+            succeeded,
+            failed,
             counters.retries.load(Relaxed),
             wall_time,
         )
@@ -189,19 +201,29 @@ impl Progress {
     ///
     /// Each count is read on its own, so while requests run, a snapshot may catch one
     /// request counted in one place and not yet in the next (finished, say, but still
-    /// in flight); every count is exact once the batch has finished.
+    /// in flight). Once the batch has finished, the counts are final; ids cancelled by
+    /// an output that stopped early (`try_collect_ordered` at its first error, a
+    /// dropped stream) are admitted but neither succeeded nor failed.
     pub fn snapshot(&self) -> Snapshot {
+        let mut snapshot = self.counts();
+        // Requests: each id's first attempt, and its retries.
+        let requests = snapshot.done() + snapshot.retries;
+        snapshot.rate = self.rate(Instant::now(), requests, snapshot.elapsed);
+        snapshot
+    }
+
+    /// The counts, without a rate (and without taking a sample for one).
+    fn counts(&self) -> Snapshot {
         let counters = &self.scope.progress;
         let now = Instant::now();
-        let succeeded = counters.succeeded.load(Relaxed);
-        let failed = counters.failed.load(Relaxed);
+        let succeeded = counters.succeeded.load(Acquire);
+        let failed = counters.failed.load(Acquire);
         let retries = counters.retries.load(Relaxed);
-        let elapsed = counters
-            .started
-            .get()
-            .map_or(Duration::ZERO, |started| now.duration_since(*started));
-        // Requests: each id's first attempt, and its retries.
-        let requests = succeeded + failed + retries;
+        let elapsed = match (counters.started.get(), counters.ended.get()) {
+            (Some(started), Some(ended)) => ended.duration_since(*started),
+            (Some(started), None) => now.duration_since(*started),
+            (None, _) => Duration::ZERO,
+        };
         Snapshot {
             admitted: counters.admitted.load(Relaxed),
             succeeded,
@@ -212,37 +234,48 @@ impl Progress {
             in_backoff: self.scope.sleepers.count() as u64,
             total: counters.total.get().copied(),
             elapsed,
-            rate: self.rate(now, requests, elapsed),
+            rate: 0.0,
         }
     }
 
-    /// Requests finished per second over the last few seconds (as far back as earlier
-    /// snapshots reach, and at most [`RATE_WINDOW`]); since the start at first.
+    /// Requests finished per second over about the last [`RATE_WINDOW`]: since the
+    /// newest earlier snapshot at least that old (or the oldest kept, or the start).
     fn rate(&self, now: Instant, requests: u64, elapsed: Duration) -> f64 {
         let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
-        while samples.len() >= RATE_SAMPLES
-            || samples
-                .front()
-                .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
+        // Drop samples while the next one is old enough to be the baseline.
+        while samples
+            .get(1)
+            .is_some_and(|(at, _)| now.duration_since(*at) >= RATE_WINDOW)
         {
             samples.pop_front();
         }
         let (since, before) = samples.front().map_or((elapsed, 0), |(at, count)| {
             (now.duration_since(*at), *count)
         });
-        samples.push_back((now, requests));
-        let seconds = since.as_secs_f64();
-        if seconds > 0.0 {
-            requests.saturating_sub(before) as f64 / seconds
-        } else {
-            0.0
+        // One sample per window / RATE_SAMPLES at most, however often snapshots come.
+        let spacing = RATE_WINDOW / RATE_SAMPLES;
+        if samples
+            .back()
+            .is_none_or(|(at, _)| now.duration_since(*at) >= spacing)
+        {
+            samples.push_back((now, requests));
         }
+        if since < RATE_SHORTEST {
+            // Too short to say: the average since the start.
+            let seconds = elapsed.as_secs_f64();
+            return if seconds > 0.0 {
+                requests as f64 / seconds
+            } else {
+                0.0
+            };
+        }
+        requests.saturating_sub(before) as f64 / since.as_secs_f64()
     }
 }
 
 impl fmt::Debug for Progress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Progress").field(&self.snapshot()).finish()
+        f.debug_tuple("Progress").field(&self.counts()).finish()
     }
 }
 
@@ -256,7 +289,8 @@ pub struct Snapshot {
     pub succeeded: u64,
     /// Ids whose outcome is an error.
     pub failed: u64,
-    /// Attempts made after an id's first: retries, across all ids.
+    /// Retries planned after a failed attempt, across all ids (a retry cancelled
+    /// while it waited is counted too).
     pub retries: u64,
     /// Attempts on the wire now: sent or being sent, the answer not yet read.
     pub in_flight: u64,
@@ -268,11 +302,13 @@ pub struct Snapshot {
     /// `Vec`, a range, an `ExactSizeIterator`), or from a list page that says so
     /// ([`total_at`](crate::FanOutBuilder::total_at)); never with `dedup_ids` on.
     pub total: Option<u64>,
-    /// Time since the batch was first polled.
+    /// Time since the batch was first polled, until its last outcome (or until it was
+    /// dropped).
     pub elapsed: Duration,
-    /// Requests (attempts, retries included) finished per second recently: over the
-    /// span since the oldest snapshot in the last 5 seconds taken from this handle
-    /// or its clones, or since the start for the first.
+    /// Requests (attempts, retries included) finished per second recently: since the
+    /// newest earlier snapshot (from this handle or its clones) at least 5 seconds
+    /// old, or the oldest one kept; since the start for a first snapshot, or one less
+    /// than 0.1 s after the last.
     pub rate: f64,
 }
 

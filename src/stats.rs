@@ -15,7 +15,7 @@ const LATENCY_MAX_MICROS: u64 = 3_600_000_000;
 const LATENCY_DIGITS: u8 = 2;
 
 /// What a run records beyond its counts, for [`RunStats`].
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Recorded {
     /// Attempt latencies in microseconds; made at the first attempt.
     latency: Option<Histogram<u64>>,
@@ -89,6 +89,7 @@ fn by_count(counts: &HashMap<Cause, u64>) -> Vec<(Cause, u64)> {
 
 /// Why an attempt or an id failed: the error's kind and, for answers, the status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Cause {
     /// The error's kind.
     pub kind: ErrorKind,
@@ -115,8 +116,8 @@ impl fmt::Display for Cause {
     }
 }
 
-/// Latency percentiles of a run's attempts, each from connecting (or reusing a
-/// connection) until the body had been read or the attempt failed.
+/// Latency percentiles of a run's attempts, each from when it had its slot and token
+/// until its answer had been read and decoded, or it failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Latency {
@@ -153,7 +154,8 @@ pub struct RunStats {
     pub succeeded: u64,
     /// Ids whose outcome is an error.
     pub failed: u64,
-    /// Attempts after an id's first.
+    /// Retries planned after failed attempts (a retry cancelled while it waited is
+    /// counted too).
     pub retries: u64,
     /// Attempts that ended (answered, failed or timed out); attempts cancelled, and
     /// ids that failed before sending (an invalid id), are not counted.

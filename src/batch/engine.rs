@@ -89,7 +89,10 @@ where
         {
             scope.progress.set_total(low as u64);
         }
-        let span = tracing::debug_span!("fanout.batch", total = ?scope.progress.total());
+        let span = tracing::debug_span!("fanout.batch", total = tracing::field::Empty);
+        if let Some(total) = scope.progress.total() {
+            span.record("total", total);
+        }
         Core {
             scope,
             ids: Some(ids),
@@ -255,10 +258,13 @@ where
                     "the id's Display implementation returned an error",
                 ))
             };
-            if let (Err(error), Some(on_event)) = (&start, &self.scope.shared.on_event) {
+            if let Err(error) = &start {
                 // Never sent: the request will not say so itself.
-                let id = error.id().unwrap_or_default();
-                on_event.call(&Event::Failed { id, error });
+                tracing::debug!(%error, "failed");
+                if let Some(on_event) = &self.scope.shared.on_event {
+                    let id = error.id().unwrap_or_default();
+                    on_event.call(&Event::Failed { id, error });
+                }
             }
             self.running.push(self.next_seq, id, start);
             self.scope.progress.admitted();
@@ -292,6 +298,8 @@ where
 
 impl<Id, T> Drop for Core<Id, T> {
     fn drop(&mut self) {
+        // An output that stopped early (at an error, or dropped) ends the run here.
+        self.scope.progress.end();
         // The plain streams have no item for an error that belongs to no id; say it
         // somewhere rather than nowhere.
         if let Some(err) = &self.input_error {

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 use url::Url;
 
 use super::pagination::{Cursor, NextPage, Style, next_page};
@@ -217,10 +218,12 @@ where
             );
             return Some((vec![Err(err)], None));
         };
-        let task = AbortOnDrop(runtime.spawn(async move {
+        // In the batch's span, like its ids.
+        let page = async move {
             let page = lister.next_page().await;
             (lister, page)
-        }));
+        };
+        let task = AbortOnDrop(runtime.spawn(page.in_current_span()));
         match task.await {
             Ok((lister, Some(Ok(ids)))) => Some((ids.into_iter().map(Ok).collect(), Some(lister))),
             Ok((_, Some(Err(err)))) => Some((vec![Err(err)], None)),

@@ -149,6 +149,7 @@ fn attempts<T>(
                     Some(at) => match sleepers.within(at, sending).await {
                         Ok(result) => result,
                         Err(_) if deadline.is_some_and(|deadline| deadline <= at) => {
+                            progress.attempt_took(now.elapsed());
                             let when = format!("passed during attempt {made}");
                             break Err(past_deadline(shared, url, made, &when, last));
                         }
