@@ -20,6 +20,16 @@ fn quick_retries() -> RetryPolicy {
         .max_retries(2)
 }
 
+/// Concurrency 8, quick retries.
+fn retrying(server: &ChaosServer) -> FanOut<u32, Item> {
+    FanOut::builder()
+        .detail_url(&server.template())
+        .concurrency(8)
+        .retry(quick_retries())
+        .build()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_counts_add_up_against_the_servers_record() {
     // Ids ending in 0 answer 404; ids ending in 1 fail once with a 503, then succeed;
@@ -30,12 +40,7 @@ async fn the_counts_add_up_against_the_servers_record() {
         Some('2') => Fault::Status(503),
         _ => Fault::Fine,
     });
-    let fan = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
-        .concurrency(8)
-        .retry(quick_retries())
-        .build()
-        .unwrap();
+    let fan = retrying(&server);
     let batch = fan.fan_out(0..500);
     let progress = batch.progress();
     assert_eq!(
@@ -117,12 +122,7 @@ async fn snapshots_during_a_run_stay_within_its_limits_and_never_go_back() {
         Some('3') if attempt == 1 => Fault::Status(503),
         _ => Fault::Slow(Duration::from_millis(20)),
     });
-    let fan = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
-        .concurrency(8)
-        .retry(quick_retries())
-        .build()
-        .unwrap();
+    let fan = retrying(&server);
     let seen = watched_run(&fan, 300).await;
     assert!(seen.len() > 10, "{} snapshots", seen.len());
     for snapshot in &seen {
