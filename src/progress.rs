@@ -36,8 +36,8 @@ pub(crate) struct Counters {
     waiting_for_token: AtomicU64,
     /// What `RunStats` reports beyond the counts. Locked once per attempt, and per
     /// failure: one batch's requests are polled by one thread at a time, so no two of
-    /// them contend for it.
-    recorded: Mutex<Recorded>,
+    /// them contend for it. `None` in a list page's counts, which nobody reads.
+    recorded: Option<Mutex<Recorded>>,
 }
 
 impl Counters {
@@ -60,10 +60,12 @@ impl Counters {
         self.total.get().copied()
     }
 
-    /// Counts whose total is whatever `total` is set to, by whoever learns it.
+    /// A batch's counts (the default, a list page's, records nothing for `RunStats`),
+    /// whose total is whatever `total` is set to, by whoever learns it.
     pub(crate) fn with_total(total: Arc<OnceLock<u64>>) -> Self {
         Counters {
             total,
+            recorded: Some(Mutex::default()),
             ..Counters::default()
         }
     }
@@ -81,7 +83,9 @@ impl Counters {
             }
             Err(err) => {
                 self.failed.fetch_add(1, Release);
-                self.recorded().failed(err);
+                if let Some(mut recorded) = self.recorded() {
+                    recorded.failed(err);
+                }
             }
         }
     }
@@ -89,16 +93,21 @@ impl Counters {
     /// An attempt failed with `err`, and the id will try again.
     pub(crate) fn retried(&self, err: &Error) {
         self.retries.fetch_add(1, Relaxed);
-        self.recorded().retried(err);
+        if let Some(mut recorded) = self.recorded() {
+            recorded.retried(err);
+        }
     }
 
     /// An attempt ended (answered, failed or timed out) after `took`.
     pub(crate) fn attempt_took(&self, took: Duration) {
-        self.recorded().attempt_took(took);
+        if let Some(mut recorded) = self.recorded() {
+            recorded.attempt_took(took);
+        }
     }
 
-    fn recorded(&self) -> std::sync::MutexGuard<'_, Recorded> {
-        self.recorded.lock().unwrap_or_else(PoisonError::into_inner)
+    fn recorded(&self) -> Option<std::sync::MutexGuard<'_, Recorded>> {
+        let recorded = self.recorded.as_ref()?;
+        Some(recorded.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// An attempt is on the wire until the returned guard is dropped.
@@ -183,7 +192,10 @@ impl Progress {
             (None, _) => Duration::ZERO,
         };
         // Copied out, so that the summary's work holds up no request.
-        let recorded = counters.recorded().clone();
+        let recorded = counters
+            .recorded()
+            .map(|recorded| recorded.clone())
+            .unwrap_or_default();
         let (succeeded, failed) = (
             counters.succeeded.load(Acquire),
             counters.failed.load(Acquire),

@@ -65,7 +65,8 @@ pub(crate) fn fetch_with<T>(
     url: Url,
     read: impl FnMut(Answer) -> Result<T, Failure> + Send,
 ) -> impl Future<Output = Result<T, Error>> + Send {
-    // Nobody admits others in place of a sleeping list page; the count goes unread.
+    // Nobody admits others in place of a sleeping list page, and nobody reads its
+    // counts: a scope of its own, which records nothing for `RunStats`.
     attempts(Scope::new(Arc::clone(shared)), None, url, read)
 }
 

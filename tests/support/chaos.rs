@@ -130,9 +130,15 @@ pub struct Visit {
     pub attempt: u32,
     pub at: Instant,
     pub fault: Fault,
-    /// The `Authorization` header, if one came.
-    pub authorization: Option<String>,
+    /// Every request header, as sent.
     pub headers: hyper::HeaderMap,
+}
+
+impl Visit {
+    /// The `Authorization` header, if one came.
+    pub fn authorization(&self) -> Option<&str> {
+        self.headers.get(AUTHORIZATION)?.to_str().ok()
+    }
 }
 
 #[derive(Default)]
@@ -360,10 +366,6 @@ async fn answer(
         attempt,
         at: Instant::now(),
         fault: fault.clone(),
-        authorization: request
-            .headers()
-            .get(AUTHORIZATION)
-            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned()),
         headers: request.headers().clone(),
     });
     respond_with(fault, &id, &record, guard).await
