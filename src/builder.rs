@@ -11,12 +11,12 @@ use governor::Quota;
 use reqwest::header::{
     ACCEPT, AUTHORIZATION, COOKIE, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHORIZATION,
 };
-use tokio::sync::Semaphore;
 use url::Url;
 
 use crate::error::{Error, ErrorKind};
 use crate::event::{Event, OnEvent};
 use crate::fanout::{FanOut, Shared};
+use crate::limit::{Concurrency, Pauses, Slots};
 use crate::list::{ListSettings, Pagination};
 use crate::rate::{RateLimiter, Throttle};
 use crate::redirect;
@@ -64,8 +64,10 @@ pub struct FanOutBuilder<Id, T> {
     max_pages: usize,
     total_at: Option<String>,
     dedup_ids: bool,
-    concurrency: usize,
+    concurrency: Concurrency,
     rate: Option<Rate>,
+    pause_on_retry_after: bool,
+    respect_rate_limit_headers: bool,
     retry: RetryPolicy,
     timeout: Duration,
     deadline: Option<Duration>,
@@ -91,8 +93,10 @@ impl<Id, T> FanOutBuilder<Id, T> {
             max_pages: DEFAULT_MAX_PAGES,
             total_at: None,
             dedup_ids: false,
-            concurrency: DEFAULT_CONCURRENCY,
+            concurrency: Concurrency::fixed(DEFAULT_CONCURRENCY),
             rate: None,
+            pause_on_retry_after: true,
+            respect_rate_limit_headers: false,
             retry: RetryPolicy::default(),
             timeout: DEFAULT_TIMEOUT,
             deadline: None,
@@ -211,9 +215,58 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// At most this many requests are on the wire at once, across all batches and
     /// clones of the built `FanOut`. Ids are taken from the input only as slots free up.
     ///
-    /// Default: 16.
-    pub fn concurrency(mut self, limit: usize) -> Self {
-        self.concurrency = limit;
+    /// A number is a fixed limit. [`Concurrency::adaptive(min, max)`](Concurrency::adaptive)
+    /// finds the server's capacity instead: it starts at `min`, grows while the server
+    /// keeps up, and backs off when it answers 429 or 503, times out, or slows down
+    /// under the load; never beyond `max`.
+    ///
+    /// ```
+    /// # use fanout::{Concurrency, FanOut};
+    /// let fixed = FanOut::<u64, serde_json::Value>::builder()
+    ///     .detail_url("https://api.example.com/items/{id}")
+    ///     .concurrency(32);
+    /// let adaptive = FanOut::<u64, serde_json::Value>::builder()
+    ///     .detail_url("https://api.example.com/items/{id}")
+    ///     .concurrency(Concurrency::adaptive(1, 100));
+    /// ```
+    ///
+    /// Default: 16, fixed.
+    pub fn concurrency(mut self, limit: impl Into<Concurrency>) -> Self {
+        self.concurrency = limit.into();
+        self
+    }
+
+    /// Whether a 429 or 503 answer with a `Retry-After` header holds back every
+    /// request to that server (scheme, host and port) for that long, not only the
+    /// retry of the id that got it: the server is asking the client to slow down.
+    /// Requests already sent are not recalled. The pause is capped by the retry
+    /// policy's [`max_retry_after`](crate::RetryPolicy::max_retry_after), and is
+    /// shared by all batches and clones of the built `FanOut`.
+    ///
+    /// Turn it off for an API whose `Retry-After` concerns one resource only.
+    ///
+    /// Default: on.
+    pub fn pause_on_retry_after(mut self, enabled: bool) -> Self {
+        self.pause_on_retry_after = enabled;
+        self
+    }
+
+    /// Whether to read the server's rate-limit headers and slow down before its quota
+    /// runs out. Read are the IETF draft's `RateLimit` field (`remaining=…, reset=…`,
+    /// or `r=…;t=…`), its older `RateLimit-Remaining` and `RateLimit-Reset` pair, and
+    /// the common `X-RateLimit-Remaining` and `X-RateLimit-Reset` pair (the reset in
+    /// seconds from now, or as a Unix time).
+    ///
+    /// While fewer requests remain than two rounds of the concurrency limit, sends are
+    /// spread evenly until the reset; with none left, every request to that server
+    /// waits for the reset (at most
+    /// [`max_retry_after`](crate::RetryPolicy::max_retry_after)). Answers arriving out
+    /// of order may say more remain than do; the spacing is a courtesy, and a
+    /// [`rate_limit`](Self::rate_limit) is still the way to a hard bound.
+    ///
+    /// Default: off.
+    pub fn respect_rate_limit_headers(mut self, enabled: bool) -> Self {
+        self.respect_rate_limit_headers = enabled;
         self
     }
 
@@ -314,7 +367,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// out. While the head of the line is slow, new ids wait rather than results piling
     /// up. Values below the concurrency limit the in-order stream to fewer requests.
     ///
-    /// Default: 4 × the concurrency.
+    /// Default: 4 × the concurrency (its `max` if it adapts).
     pub fn reorder_window(mut self, ids: usize) -> Self {
         self.reorder_window = Some(ids);
         self
@@ -476,16 +529,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
             Some(url) => Some(self.list_settings(url)?),
         };
 
-        if self.concurrency == 0 {
-            return Err(config("concurrency must be at least 1"));
-        }
-        if self.concurrency > Semaphore::MAX_PERMITS {
-            return Err(config(format!(
-                "concurrency {} is too large; the most is {}",
-                self.concurrency,
-                Semaphore::MAX_PERMITS
-            )));
-        }
+        self.concurrency.validate()?;
         if self.timeout.is_zero() {
             return Err(config(
                 "timeout must be longer than zero; it bounds each attempt",
@@ -516,7 +560,10 @@ impl<Id, T> FanOutBuilder<Id, T> {
         let reorder_window = match self.reorder_window {
             Some(0) => return Err(config("reorder_window must be at least 1")),
             Some(ids) => ids,
-            None => self.concurrency.saturating_mul(REORDER_WINDOW_PER_SLOT),
+            None => self
+                .concurrency
+                .max()
+                .saturating_mul(REORDER_WINDOW_PER_SLOT),
         };
 
         let mut headers = self.headers;
@@ -545,6 +592,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
                 })?,
         };
 
+        let pauses = Pauses::new(template.origin());
         Ok(FanOut::from_shared(Arc::new(Shared {
             client,
             template,
@@ -556,7 +604,10 @@ impl<Id, T> FanOutBuilder<Id, T> {
             max_body_bytes: self.max_body_bytes,
             concurrency: self.concurrency,
             reorder_window,
-            slots: Semaphore::new(self.concurrency),
+            slots: Slots::new(self.concurrency),
+            pauses,
+            pause_on_retry_after: self.pause_on_retry_after,
+            respect_rate_limit_headers: self.respect_rate_limit_headers,
             list,
             dedup_ids: self.dedup_ids,
             redirects_stay_on_host,

@@ -8,13 +8,13 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use reqwest::header::HeaderMap;
 use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
 
 use crate::batch::Batch;
 use crate::builder::FanOutBuilder;
 use crate::dedup::Seen;
 use crate::error::Error;
 use crate::event::OnEvent;
+use crate::limit::{Concurrency, Pauses, Slots};
 use crate::list::{ListSettings, Lister, listed_ids};
 use crate::rate::Throttle;
 use crate::retry::RetryPolicy;
@@ -50,10 +50,16 @@ pub(crate) struct Shared {
     /// Shared by all batches and clones; the limiter inside may be shared further.
     pub(crate) throttle: Option<Throttle>,
     pub(crate) max_body_bytes: usize,
-    pub(crate) concurrency: usize,
+    pub(crate) concurrency: Concurrency,
     pub(crate) reorder_window: usize,
     /// One permit per request on the wire, shared by all batches and clones.
-    pub(crate) slots: Semaphore,
+    pub(crate) slots: Slots,
+    /// Pauses the servers asked for, by origin, shared by all batches and clones.
+    pub(crate) pauses: Pauses,
+    /// A 429 or 503 with `Retry-After` pauses every request to its origin.
+    pub(crate) pause_on_retry_after: bool,
+    /// Rate-limit headers spread out or hold back requests as the quota runs out.
+    pub(crate) respect_rate_limit_headers: bool,
     pub(crate) list: Option<ListSettings>,
     /// Drop ids seen before in the same batch or listing.
     pub(crate) dedup_ids: bool,

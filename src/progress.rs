@@ -34,6 +34,7 @@ pub(crate) struct Counters {
     retries: AtomicU64,
     in_flight: AtomicU64,
     waiting_for_token: AtomicU64,
+    held_back: AtomicU64,
     /// What `RunStats` reports beyond the counts. Locked once per attempt, and per
     /// failure: one batch's requests are polled by one thread at a time, so no two of
     /// them contend for it. `None` in a list page's counts, which nobody reads.
@@ -118,6 +119,12 @@ impl Counters {
     /// An attempt waits for a rate-limit token until the returned guard is dropped.
     pub(crate) fn waiting_for_token(&self) -> Gauge<'_> {
         Gauge::enter(&self.waiting_for_token)
+    }
+
+    /// An attempt is held back by the server's pause or quota until the returned guard
+    /// is dropped.
+    pub(crate) fn held_back(&self) -> Gauge<'_> {
+        Gauge::enter(&self.held_back)
     }
 }
 
@@ -243,6 +250,8 @@ impl Progress {
             retries,
             in_flight: counters.in_flight.load(Relaxed),
             waiting_for_token: counters.waiting_for_token.load(Relaxed),
+            held_back: counters.held_back.load(Relaxed),
+            concurrency_limit: self.scope.shared.slots.limit(),
             in_backoff: self.scope.sleepers.count() as u64,
             total: counters.total.get().copied(),
             elapsed,
@@ -308,6 +317,14 @@ pub struct Snapshot {
     pub in_flight: u64,
     /// Attempts holding a slot and waiting for a rate-limit token.
     pub waiting_for_token: u64,
+    /// Attempts held back because the server asked for a pause (`Retry-After` on a
+    /// 429 or 503), or spread out because its quota is running low
+    /// ([`respect_rate_limit_headers`](crate::FanOutBuilder::respect_rate_limit_headers)).
+    pub held_back: u64,
+    /// The concurrency limit now: the fixed one, or where an
+    /// [adaptive](crate::Concurrency::adaptive) one stands. Shared by all batches of
+    /// the `FanOut`.
+    pub concurrency_limit: usize,
     /// Ids waiting out the delay before a retry (they hold no slot).
     pub in_backoff: u64,
     /// How many ids the batch has, when known: from an input whose size is exact (a

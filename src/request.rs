@@ -2,16 +2,16 @@
 
 use bytes::{Bytes, BytesMut};
 use reqwest::header::HeaderMap;
-use reqwest::{Method, Response};
+use reqwest::{Method, Response, StatusCode};
 use serde::de::DeserializeOwned;
-use tokio::sync::SemaphorePermit;
 use url::Url;
 
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
+use crate::limit::{Pause, Signal, Slot};
 use crate::progress::Counters;
 use crate::redirect;
-use crate::retry::is_transient_status;
+use crate::retry::{is_transient_status, retry_after};
 
 /// A wait for a rate-limit token at least this long is logged (at debug level).
 const LONG_TOKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -41,38 +41,91 @@ impl Failure {
             transient,
         }
     }
-}
 
-/// Waits for what an attempt needs before it may be sent: a concurrency slot, then a
-/// rate-limit token (in that order, so that no token is spent by a request that then
-/// queues for a slot). The slot is held until the returned permit is dropped.
-pub(crate) async fn ready<'a>(
-    shared: &'a Shared,
-    progress: &Counters,
-) -> Result<SemaphorePermit<'a>, Error> {
-    // The semaphore is never closed, so acquiring only fails if that invariant breaks.
-    let slot = shared
-        .slots
-        .acquire()
-        .await
-        .map_err(|_| Error::new(ErrorKind::Runtime, "the concurrency limiter was closed"))?;
-    if let Some(throttle) = &shared.throttle
-        && !throttle.try_take()
-    {
-        let _waiting = progress.waiting_for_token();
-        let started = std::time::Instant::now();
-        // Boxed: the wait is rare, and every request's future would otherwise have
-        // room for it.
-        Box::pin(throttle.wait()).await;
-        let waited = started.elapsed();
-        if waited >= LONG_TOKEN_WAIT {
-            tracing::debug!(
-                waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-                "waited for a rate-limit token",
-            );
+    /// What the failure says about the server's load, for an adaptive limit.
+    pub(crate) fn signal(&self) -> Signal {
+        let overloaded = matches!(
+            self.error.status(),
+            Some(
+                StatusCode::TOO_MANY_REQUESTS
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            )
+        );
+        match self.error.kind() {
+            _ if overloaded => Signal::Overloaded,
+            ErrorKind::Timeout => Signal::Overloaded,
+            // A whole answer: its latency says how busy the server is.
+            ErrorKind::Status | ErrorKind::Decode => Signal::Answered,
+            _ => Signal::Unknown,
         }
     }
-    Ok(slot)
+}
+
+/// Waits for what an attempt needs before it may be sent: the end of any pause the
+/// server asked for, a concurrency slot, then a rate-limit token (in that order, so that
+/// no token is spent by a request that then queues for a slot), then its turn if the
+/// server's quota is being spread out. The slot is held until the returned guard is
+/// dropped.
+pub(crate) async fn ready<'a>(
+    shared: &'a Shared,
+    gate: &Pause,
+    progress: &Counters,
+) -> Result<Slot<'a>, Error> {
+    loop {
+        if let Some(until) = gate.paused_until() {
+            let _held = progress.held_back();
+            // Boxed, as the other rare waits: every request's future would otherwise
+            // have room for it.
+            Box::pin(tokio::time::sleep_until(until)).await;
+        }
+        let slot = shared.slots.acquire().await?;
+        if let Some(throttle) = &shared.throttle
+            && !throttle.try_take()
+        {
+            let _waiting = progress.waiting_for_token();
+            let started = std::time::Instant::now();
+            Box::pin(throttle.wait()).await;
+            let waited = started.elapsed();
+            if waited >= LONG_TOKEN_WAIT {
+                tracing::debug!(
+                    waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                    "waited for a rate-limit token",
+                );
+            }
+        }
+        if gate.paused_until().is_some() {
+            continue; // the server asked for a pause meanwhile: the slot goes back
+        }
+        if let Some(due) = gate.pace() {
+            let _held = progress.held_back();
+            Box::pin(tokio::time::sleep_until(due)).await;
+        }
+        return Ok(slot);
+    }
+}
+
+/// Heeds what a response says about the server's load: `Retry-After` on a 429 or 503
+/// pauses every request to its origin, and rate-limit headers, when asked to, spread
+/// out or hold back the rest of the quota. Neither waits longer than
+/// `max_retry_after`.
+fn heed(shared: &Shared, gate: &Pause, status: StatusCode, headers: &HeaderMap) {
+    let longest = shared.retry.retry_after_limit();
+    let now = tokio::time::Instant::now();
+    if shared.pause_on_retry_after
+        && matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        )
+        && let Some(wait) = retry_after(headers, std::time::SystemTime::now())
+    {
+        gate.pause(now, wait.min(longest));
+    }
+    if shared.respect_rate_limit_headers {
+        // Spread out once what is left would not cover two full rounds of requests.
+        let low = u64::try_from(shared.slots.limit().saturating_mul(2)).unwrap_or(u64::MAX);
+        gate.observe_quota(headers, now, low, longest);
+    }
 }
 
 /// A successful answer, its body read in full.
@@ -112,7 +165,7 @@ pub(crate) fn decode<T: DeserializeOwned>(answer: Answer) -> Result<T, Failure> 
 
 /// Sends one attempt for `url` and reads its body under the size cap. The caller
 /// bounds it in time.
-pub(crate) async fn send(shared: &Shared, url: Url) -> Result<Answer, Failure> {
+pub(crate) async fn send(shared: &Shared, gate: &Pause, url: Url) -> Result<Answer, Failure> {
     // In a block of its own, so that the request, moved into `execute`, takes no room
     // in the future.
     let pending = {
@@ -130,6 +183,7 @@ pub(crate) async fn send(shared: &Shared, url: Url) -> Result<Answer, Failure> {
     })?;
 
     let status = response.status();
+    heed(shared, gate, status, response.headers());
     if !status.is_success() {
         let body = read_prefix(&mut response, shared.max_body_bytes.min(ERROR_BODY_BYTES)).await;
         let mut error = Error::request(ErrorKind::Status, response.url().clone(), "")

@@ -79,7 +79,7 @@ where
         ids: BoxStream<'static, Result<Id, Error>>,
         total: Arc<OnceLock<u64>>,
     ) -> Self {
-        let max_admitted = shared.concurrency.saturating_mul(ADMITTED_PER_SLOT);
+        let max_admitted = shared.slots.max().saturating_mul(ADMITTED_PER_SLOT);
         let seen = shared.dedup_ids.then(Seen::default);
         let scope = Scope::with_progress(shared, Counters::with_total(total));
         // Repeats dropped unseen would make the input's size a wrong total.
@@ -143,8 +143,8 @@ where
         self.ids.is_none() && self.running.is_empty() && self.finished.is_empty()
     }
 
-    /// The next outcome to finish. New ids are admitted while fewer than `concurrency`
-    /// are running and awake (ids asleep between retries hold no slot), at most
+    /// The next outcome to finish. New ids are admitted while fewer than the
+    /// concurrency limit (as it is now, if it adapts) are running and awake (ids asleep between retries hold no slot), at most
     /// `max_admitted` in all, and while their position is below `admit_below` (the
     /// in-order output's window; `u64::MAX` for none).
     pub(crate) fn poll_done(
@@ -221,7 +221,7 @@ where
             let admitted = self.running.len() + self.finished.len();
             let awake = admitted - self.scope.sleepers.count().min(self.running.len());
             if admitted >= self.max_admitted
-                || awake >= self.scope.shared.concurrency
+                || awake >= self.scope.shared.slots.limit()
                 || self.next_seq >= admit_below
             {
                 return;
@@ -460,7 +460,7 @@ mod tests {
                 .unwrap();
             let shared = Arc::clone(fan.shared());
             let url = Url::parse("http://127.0.0.1:9/items/1").unwrap();
-            let attempt = size_of_val(&send(&shared, url.clone()));
+            let attempt = size_of_val(&send(&shared, shared.pauses.detail(), url.clone()));
             let start = Ok((Scope::new(shared), "1".into(), url));
             (size_of_val(&request::<u64, T>(0, 1, start)), attempt)
         }
