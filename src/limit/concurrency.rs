@@ -1,10 +1,8 @@
 //! The concurrency limit: a semaphore whose size is fixed, or moved by the adaptive
 //! controller between two bounds.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
@@ -110,7 +108,7 @@ pub(crate) enum Signal {
     Answered,
     /// 429, 503, 504 or a timeout: the server has too much to do.
     Overloaded,
-    /// Nothing to learn (the connection failed, say).
+    /// Nothing to learn: the connection failed, say, or the attempt was cancelled.
     Unknown,
 }
 
@@ -132,6 +130,9 @@ struct Adaptive {
     in_flight: AtomicUsize,
     /// The most in flight at once since the controller last looked.
     peak: AtomicUsize,
+    /// Numbers the slots as they are taken, so that a round of the controller is the
+    /// next so many attempts sent, however late each answers.
+    tickets: AtomicU64,
 }
 
 impl Slots {
@@ -143,10 +144,11 @@ impl Slots {
                 min,
                 max,
                 Some(Adaptive {
-                    controller: std::sync::Mutex::new(Controller::new(min, max, Instant::now())),
+                    controller: std::sync::Mutex::new(Controller::new(min, max)),
                     debt: AtomicUsize::new(0),
                     in_flight: AtomicUsize::new(0),
                     peak: AtomicUsize::new(0),
+                    tickets: AtomicU64::new(0),
                 }),
             ),
         };
@@ -179,35 +181,35 @@ impl Slots {
             self.semaphore.acquire().await.map_err(|_| {
                 Error::new(ErrorKind::Runtime, "the concurrency limiter was closed")
             })?;
+        let mut ticket = 0;
         if let Some(adaptive) = &self.adaptive {
             let now = adaptive.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
             adaptive.peak.fetch_max(now, Ordering::Relaxed);
+            ticket = adaptive.tickets.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Slot {
             permit: Some(permit),
             slots: self,
+            ticket,
+            reported: false,
         })
     }
 
-    /// Tells an adaptive limit how an attempt sent at `sent` ended after `took`.
-    pub(crate) fn observe(&self, sent: Instant, took: Duration, signal: Signal) {
-        let Some(adaptive) = &self.adaptive else {
-            return;
-        };
-        if signal == Signal::Unknown {
-            return;
-        }
+    /// Tells an adaptive limit how the attempt holding slot `ticket` ended after `took`.
+    fn report(&self, adaptive: &Adaptive, ticket: u64, took: Duration, signal: Signal) {
         let mut controller = adaptive
             .controller
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let peak = adaptive.peak.load(Ordering::Relaxed);
-        let Some(change) = controller.observe(sent, took, signal, peak, Instant::now()) else {
+        let issued = adaptive.tickets.load(Ordering::Relaxed);
+        let Some(ended) = controller.observe(ticket, took, signal, peak, issued) else {
             return;
         };
         // A new round: the peak counts from what is in flight now.
         let in_flight = adaptive.in_flight.load(Ordering::Relaxed);
         adaptive.peak.store(in_flight, Ordering::Relaxed);
+        let Some(change) = ended else { return };
         let (from, to) = (change.from, change.to);
         tracing::debug!(from, to, reason = change.reason, "concurrency limit");
         // Under the controller's lock, so that changes apply in order.
@@ -234,6 +236,20 @@ impl Slots {
 pub(crate) struct Slot<'a> {
     permit: Option<SemaphorePermit<'a>>,
     slots: &'a Slots,
+    /// Its number, for an adaptive limit.
+    ticket: u64,
+    reported: bool,
+}
+
+impl Slot<'_> {
+    /// Gives the slot back, telling an adaptive limit how the attempt ended after
+    /// `took`. (Dropped without this, a cancelled attempt, it says nothing.)
+    pub(crate) fn finish(mut self, took: Duration, signal: Signal) {
+        if let Some(adaptive) = &self.slots.adaptive {
+            self.reported = true;
+            self.slots.report(adaptive, self.ticket, took, signal);
+        }
+    }
 }
 
 impl Drop for Slot<'_> {
@@ -241,6 +257,11 @@ impl Drop for Slot<'_> {
         let Some(adaptive) = &self.slots.adaptive else {
             return; // the permit goes back to the semaphore
         };
+        if !self.reported {
+            // The round must not wait for it forever.
+            self.slots
+                .report(adaptive, self.ticket, Duration::ZERO, Signal::Unknown);
+        }
         adaptive.in_flight.fetch_sub(1, Ordering::Relaxed);
         let owed = adaptive
             .debt
@@ -272,46 +293,74 @@ mod tests {
         assert_eq!(Concurrency::from(7), Concurrency::fixed(7));
     }
 
-    #[tokio::test]
-    async fn a_lower_limit_takes_slots_back_as_they_come_back() {
-        let slots = Slots::new(Concurrency::adaptive(1, 100));
-        let mut held = Vec::new();
-        // Four good rounds with the limit in use: 1 → 2 → 4 → 8 → 16.
-        for _ in 0..4 {
-            while held.len() < slots.limit() {
-                held.push(slots.acquire().await.unwrap());
-            }
-            let sent = Instant::now();
-            for _ in 0..slots.limit() {
-                slots.observe(sent, Duration::from_millis(5), Signal::Answered);
+    /// Good rounds, each with the limit in use, until the limit is `target`.
+    async fn grow_to(slots: &Slots, target: usize) {
+        while slots.limit() < target {
+            let round = futures::future::join_all((0..slots.limit()).map(|_| slots.acquire()));
+            for slot in round.await {
+                slot.unwrap()
+                    .finish(Duration::from_millis(5), Signal::Answered);
             }
         }
-        assert_eq!(slots.limit(), 16);
-        while held.len() < 16 {
+        assert_eq!(slots.limit(), target);
+    }
+
+    async fn hold(slots: &Slots, count: usize) -> Vec<Slot<'_>> {
+        let mut held = Vec::new();
+        for _ in 0..count {
             held.push(slots.acquire().await.unwrap());
         }
+        held
+    }
+
+    #[tokio::test]
+    async fn a_refusal_cuts_the_limit_and_slots_in_use_are_owed() {
+        let slots = Slots::new(Concurrency::adaptive(1, 100));
+        grow_to(&slots, 12).await;
+        let mut held = hold(&slots, 12).await;
         assert_eq!(available(&slots), 0);
 
-        // All 16 in use when a 429 cuts the limit to 14: two slots are owed.
-        slots.observe(Instant::now(), Duration::from_millis(5), Signal::Overloaded);
-        assert_eq!(slots.limit(), 14);
-        held.truncate(13);
-        assert_eq!(
-            available(&slots),
-            1,
-            "of three back, the first two were kept"
-        );
-        held.push(slots.acquire().await.unwrap());
-        assert_eq!(available(&slots), 0, "14 in use: the limit");
+        // All 12 in use when a 429 cuts the limit to 10: the refused slot is kept.
+        let refused = held.pop().unwrap();
+        refused.finish(Duration::from_millis(5), Signal::Overloaded);
+        assert_eq!(slots.limit(), 10);
+        assert_eq!(available(&slots), 0, "11 in use, one still owed");
+        held.truncate(9);
+        assert_eq!(available(&slots), 1, "of two back, the first was kept");
+        drop(held);
+        assert_eq!(available(&slots), 10);
+    }
 
-        // A good round in use grows it by one (no more slow start).
-        let sent = Instant::now();
-        for _ in 0..14 {
-            slots.observe(sent, Duration::from_millis(5), Signal::Answered);
+    #[tokio::test]
+    async fn a_slow_answer_in_slow_start_goes_back_to_the_limit_before() {
+        let slots = Slots::new(Concurrency::adaptive(1, 100));
+        grow_to(&slots, 12).await;
+        let mut held = hold(&slots, 12).await;
+        // One slow answer in a round of 12 may be the server's usual spread; two are not.
+        for _ in 0..2 {
+            held.pop()
+                .unwrap()
+                .finish(Duration::from_millis(500), Signal::Answered);
         }
-        assert_eq!(slots.limit(), 15);
+        assert_eq!(slots.limit(), 9);
+        // 10 still in use: the first one back is kept, the rest go back.
+        held.truncate(8);
         assert_eq!(available(&slots), 1);
         drop(held);
-        assert_eq!(available(&slots), 15);
+        assert_eq!(available(&slots), 9);
+        // Cancelled attempts say nothing, and take nothing.
+        let cancelled = slots.acquire().await.unwrap();
+        drop(cancelled);
+        assert_eq!((slots.limit(), available(&slots)), (9, 9));
+    }
+
+    #[tokio::test]
+    async fn a_fixed_limit_never_moves() {
+        let slots = Slots::new(Concurrency::fixed(3));
+        let held = hold(&slots, 3).await;
+        for slot in held {
+            slot.finish(Duration::from_secs(9), Signal::Overloaded);
+        }
+        assert_eq!((slots.limit(), available(&slots)), (3, 3));
     }
 }

@@ -156,7 +156,6 @@ fn attempts<T>(
                     Some(at) => match sleepers.within(at, sending).await {
                         Ok(result) => result,
                         Err(_) if deadline.is_some_and(|deadline| deadline <= at) => {
-                            // Not a timeout of the attempt: nothing for the limit.
                             progress.attempt_took(now.elapsed());
                             let when = format!("passed during attempt {made}");
                             break Err(past_deadline(shared, url, made, &when, last));
@@ -165,15 +164,17 @@ fn attempts<T>(
                     },
                 }
                 .and_then(&mut read);
-                drop((slot, on_the_wire));
                 let took = now.elapsed();
-                progress.attempt_took(took);
-                if shared.slots.is_adaptive() {
-                    let signal = result
+                let signal = if shared.slots.is_adaptive() {
+                    result
                         .as_ref()
-                        .map_or_else(Failure::signal, |_| Signal::Answered);
-                    shared.slots.observe(now, took, signal);
-                }
+                        .map_or_else(Failure::signal, |_| Signal::Answered)
+                } else {
+                    Signal::Unknown
+                };
+                slot.finish(took, signal);
+                drop(on_the_wire);
+                progress.attempt_took(took);
                 match result {
                     Ok(value) => break Ok(value),
                     Err(failure) => failure,

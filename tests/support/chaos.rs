@@ -60,21 +60,40 @@ pub enum Fault {
     RedirectLoop,
     /// 302 to this absolute URL.
     RedirectTo(String),
+    /// This status with these headers; the body is `{"id": "<id>"}` for a 2xx status,
+    /// a short JSON error otherwise.
+    Answer {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+    },
 }
 
 impl Fault {
     /// Whether another attempt may get a different answer (what fanout retries).
     pub fn is_transient(&self) -> bool {
         match self {
-            Fault::Status(status) => matches!(status, 408 | 429 | 500 | 502 | 503 | 504),
+            Fault::Status(status) | Fault::Answer { status, .. } => {
+                matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
+            }
             Fault::TooMany { .. } | Fault::Slow(_) | Fault::Close | Fault::CutBody => true,
             _ => false,
         }
     }
 }
 
-/// Decides the fault for an id's `attempt`-th request (counting from 1).
-pub type Script = dyn Fn(&str, u32) -> Fault + Send + Sync;
+/// Decides the fault for each request as it arrives.
+pub type Script = dyn Fn(&Arrival<'_>) -> Fault + Send + Sync;
+
+/// A request as it arrives, for a [`ChaosServer::dynamic`] script.
+#[derive(Debug)]
+pub struct Arrival<'a> {
+    pub id: &'a str,
+    /// The id's how-manieth request, counting from 1 (0 when unrecorded).
+    pub attempt: u32,
+    /// Requests in flight, this one included.
+    pub in_flight: usize,
+    pub at: Instant,
+}
 
 /// Faults by probability, seeded: the same seed, id and attempt always give the same
 /// fault.
@@ -163,6 +182,13 @@ pub struct ChaosServer {
 impl ChaosServer {
     /// Every request answered by `script(id, attempt)`.
     pub fn scripted(script: impl Fn(&str, u32) -> Fault + Send + Sync + 'static) -> Self {
+        Self::dynamic(move |arrival| script(arrival.id, arrival.attempt))
+    }
+
+    /// Every request answered by `script`, which sees the load as well as the id: how
+    /// many requests are in flight, and when it arrived. For servers that slow down or
+    /// refuse work under load.
+    pub fn dynamic(script: impl Fn(&Arrival<'_>) -> Fault + Send + Sync + 'static) -> Self {
         Self::start(Arc::new(script), true)
     }
 
@@ -180,7 +206,10 @@ impl ChaosServer {
     /// the counts: for measuring the client's memory, which the record would swamp.
     /// The script always sees attempt 0.
     pub fn unrecorded(script: impl Fn(&str, u32) -> Fault + Send + Sync + 'static) -> Self {
-        Self::start(Arc::new(script), false)
+        Self::start(
+            Arc::new(move |arrival: &Arrival<'_>| script(arrival.id, arrival.attempt)),
+            false,
+        )
     }
 
     fn start(script: Arc<Script>, keep_visits: bool) -> Self {
@@ -338,7 +367,12 @@ async fn answer(
     record.requests.fetch_add(1, Ordering::SeqCst);
     if !record.keep_visits {
         let id = request.uri().path().rsplit('/').next().unwrap_or_default();
-        let fault = script(id, 0);
+        let fault = script(&Arrival {
+            id,
+            attempt: 0,
+            in_flight: record.in_flight.load(Ordering::SeqCst),
+            at: Instant::now(),
+        });
         return respond_with(fault, id, &record, guard).await;
     }
     let path = request.uri().path().to_owned();
@@ -357,7 +391,12 @@ async fn answer(
         let next = hop.parse::<u64>().unwrap_or(0) + 1;
         Fault::RedirectTo(format!("/loop/{next}"))
     } else {
-        script(&id, attempt)
+        script(&Arrival {
+            id: &id,
+            attempt,
+            in_flight: record.in_flight.load(Ordering::SeqCst),
+            at: Instant::now(),
+        })
     };
     record.visits.lock().unwrap().push(Visit {
         path,
@@ -430,6 +469,20 @@ async fn respond_with(
             return redirect("/loop/1".to_owned(), record, guard);
         }
         Fault::RedirectTo(location) => return redirect(location, record, guard),
+        Fault::Answer { status, headers } => {
+            let body = if (200..300).contains(&status) {
+                json()
+            } else {
+                format!("{{\"error\":\"chaos {status}\"}}")
+            };
+            return respond(status, once(body), None, record, guard).map(|mut response| {
+                for (name, value) in headers {
+                    let value = value.parse().expect("a valid header value");
+                    response.headers_mut().append(name, value);
+                }
+                response
+            });
+        }
     };
     respond(status, body, length, record, guard)
 }

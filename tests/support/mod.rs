@@ -6,6 +6,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod chaos;
+pub mod load;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
