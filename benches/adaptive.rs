@@ -1,8 +1,9 @@
 //! Adaptive concurrency against fixed limits, and the pause a 429 asks for.
 //!
 //! ```text
-//! cargo bench --bench adaptive           # 2 rounds
-//! cargo bench --bench adaptive -- 3      # rounds
+//! cargo bench --bench adaptive             # 2 rounds
+//! cargo bench --bench adaptive -- 3        # rounds
+//! cargo bench --bench adaptive -- quota    # only the quota part (or: capacity)
 //! ```
 //!
 //! **Capacity.** A loopback server with room for 10 requests at once: a request that
@@ -198,17 +199,23 @@ async fn quota() {
 }
 
 fn main() {
-    let rounds = std::env::args()
-        .skip(1)
-        .find_map(|arg| arg.parse().ok())
-        .unwrap_or(2);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rounds = args.iter().find_map(|arg| arg.parse().ok()).unwrap_or(2);
+    let only = |part: &str| {
+        let named = ["capacity", "quota"];
+        !args.iter().any(|arg| named.contains(&arg.as_str())) || args.iter().any(|arg| arg == part)
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        capacity(rounds).await;
-        quota().await;
+        if only("capacity") {
+            capacity(rounds).await;
+        }
+        if only("quota") {
+            quota().await;
+        }
     });
 }

@@ -13,10 +13,11 @@ use reqwest::header::{
 };
 use url::Url;
 
+use crate::detail::{DetailUrl, ErasedUrlFn, UrlFn, erase};
 use crate::error::{Error, ErrorKind};
 use crate::event::{Event, OnEvent};
 use crate::fanout::{FanOut, Shared};
-use crate::limit::{Concurrency, Pauses, Slots};
+use crate::limit::{Concurrency, Hosts, Slots};
 use crate::list::{ListSettings, Pagination};
 use crate::rate::{RateLimiter, Throttle};
 use crate::redirect;
@@ -56,7 +57,7 @@ const USER_AGENT: &str = concat!("fanout/", env!("CARGO_PKG_VERSION"));
 #[must_use = "a builder does nothing until `.build()` is called"]
 pub struct FanOutBuilder<Id, T> {
     client: Option<reqwest::Client>,
-    detail_url: Option<String>,
+    detail: Option<Detail>,
     list_url: Option<String>,
     ids_at: String,
     id_field: String,
@@ -68,6 +69,8 @@ pub struct FanOutBuilder<Id, T> {
     rate: Option<Rate>,
     pause_on_retry_after: bool,
     respect_rate_limit_headers: bool,
+    per_host_concurrency: Option<usize>,
+    per_host_rate: Option<Rate>,
     retry: RetryPolicy,
     timeout: Duration,
     deadline: Option<Duration>,
@@ -85,7 +88,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
     pub(crate) fn new() -> Self {
         FanOutBuilder {
             client: None,
-            detail_url: None,
+            detail: None,
             list_url: None,
             ids_at: String::new(),
             id_field: "id".to_owned(),
@@ -97,6 +100,8 @@ impl<Id, T> FanOutBuilder<Id, T> {
             rate: None,
             pause_on_retry_after: true,
             respect_rate_limit_headers: false,
+            per_host_concurrency: None,
+            per_host_rate: None,
             retry: RetryPolicy::default(),
             timeout: DEFAULT_TIMEOUT,
             deadline: None,
@@ -129,9 +134,47 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// an id that would make a whole path segment empty, `.` or `..` fails with
     /// [`ErrorKind::InvalidId`] without being sent.
     ///
-    /// Required: there is no default.
+    /// Required, or [`detail_url_with`](Self::detail_url_with): there is no default.
+    /// Replaces an earlier `detail_url_with`.
     pub fn detail_url(mut self, template: &str) -> Self {
-        self.detail_url = Some(template.to_owned());
+        self.detail = Some(Detail::Template(template.to_owned()));
+        self
+    }
+
+    /// Makes each id's URL with a function instead of a template: for ids that are
+    /// whole URLs, or that map to several hosts (shards, regions, tenants). The
+    /// [`query`](Self::query) pairs are appended to every URL it gives.
+    ///
+    /// ```
+    /// use fanout::FanOut;
+    /// use url::Url;
+    ///
+    /// // Players live on one of four shards.
+    /// let players = FanOut::<u64, serde_json::Value>::builder()
+    ///     .detail_url_with(|id: &u64| {
+    ///         Url::parse(&format!("https://shard{}.example.com/players/{id}", id % 4))
+    ///     })
+    ///     .per_host_concurrency(8)
+    ///     .build()?;
+    /// # Ok::<(), fanout::Error>(())
+    /// ```
+    ///
+    /// The function's `Err` fails that id with [`ErrorKind::InvalidId`] (its message
+    /// says why), as does a URL that is not http(s), has no host, or carries a user
+    /// name or password (set credentials with [`bearer_auth`](Self::bearer_auth) or
+    /// [`header`](Self::header)); a panic fails that id with [`ErrorKind::Panic`].
+    /// Nothing is sent for such an id. Unlike a template, a function is free to put
+    /// the id anywhere unencoded: encoding it is then up to the function.
+    ///
+    /// Replaces an earlier `detail_url`.
+    pub fn detail_url_with<E, F>(mut self, make: F) -> Self
+    where
+        Id: 'static,
+        E: fmt::Display,
+        F: Fn(&Id) -> Result<Url, E> + Send + Sync + 'static,
+    {
+        let make: UrlFn<Id> = Box::new(move |id| make(id).map_err(|err| err.to_string()));
+        self.detail = Some(Detail::Function(erase(make)));
         self
     }
 
@@ -267,6 +310,42 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// Default: off.
     pub fn respect_rate_limit_headers(mut self, enabled: bool) -> Self {
         self.respect_rate_limit_headers = enabled;
+        self
+    }
+
+    /// At most this many requests on the wire at once to any one origin (scheme, host
+    /// and port), besides the overall [`concurrency`](Self::concurrency): for ids that
+    /// map to several hosts ([`detail_url_with`](Self::detail_url_with)). An attempt
+    /// waiting for its host's slot holds no overall slot.
+    ///
+    /// Default: no per-host limit.
+    pub fn per_host_concurrency(mut self, limit: usize) -> Self {
+        self.per_host_concurrency = Some(limit);
+        self
+    }
+
+    /// At most `rate` requests per second to any one origin, counting every attempt,
+    /// besides any overall rate limit: `Quota::per_second(rate)` per host, with
+    /// governor's keyed limiter. See
+    /// [`per_host_rate_limit`](Self::per_host_rate_limit) for a burst or another
+    /// period. Replaces an earlier per-host rate.
+    ///
+    /// Memory stays bounded however many hosts there are: past 1,024 origins, those
+    /// with no request in flight and no pause to keep are forgotten, and so is their
+    /// bucket once it has been full again for one token's time.
+    ///
+    /// Default: no per-host rate limit.
+    pub fn per_host_requests_per_second(mut self, rate: u32) -> Self {
+        self.per_host_rate = Some(Rate::PerSecond(rate));
+        self
+    }
+
+    /// Limits the requests to any one origin to this [`Quota`], counting every attempt,
+    /// besides any overall rate limit. Replaces an earlier per-host rate.
+    ///
+    /// Default: no per-host rate limit.
+    pub fn per_host_rate_limit(mut self, quota: Quota) -> Self {
+        self.per_host_rate = Some(Rate::Quota(quota));
         self
     }
 
@@ -517,16 +596,24 @@ impl<Id, T> FanOutBuilder<Id, T> {
         if let Some(err) = self.header_error {
             return Err(err);
         }
-        let Some(detail_url) = &self.detail_url else {
-            return Err(Error::new(
-                ErrorKind::InvalidTemplate,
-                "no detail URL; call .detail_url(\"https://api.example.com/items/{id}\")",
-            ));
-        };
-        let template = UrlTemplate::parse(detail_url, &self.query)?;
         let list = match &self.list_url {
             None => None,
             Some(url) => Some(self.list_settings(url)?),
+        };
+        let detail = match self.detail {
+            None => {
+                return Err(Error::new(
+                    ErrorKind::InvalidTemplate,
+                    "no detail URL; call .detail_url(\"https://api.example.com/items/{id}\")",
+                ));
+            }
+            Some(Detail::Template(ref template)) => {
+                DetailUrl::Template(UrlTemplate::parse(template, &self.query)?)
+            }
+            Some(Detail::Function(make)) => DetailUrl::Function {
+                make,
+                query: self.query.clone(),
+            },
         };
 
         self.concurrency.validate()?;
@@ -592,10 +679,28 @@ impl<Id, T> FanOutBuilder<Id, T> {
                 })?,
         };
 
-        let pauses = Pauses::new(template.origin());
+        if self.per_host_concurrency == Some(0) {
+            return Err(config("per_host_concurrency must be at least 1"));
+        }
+        let per_host_quota = match self.per_host_rate {
+            None => None,
+            Some(Rate::PerSecond(rate)) => match NonZeroU32::new(rate) {
+                Some(rate) => Some(Quota::per_second(rate)),
+                None => {
+                    return Err(config(
+                        "per_host_requests_per_second must be at least 1; leave it unset \
+                         for no limit",
+                    ));
+                }
+            },
+            Some(Rate::Quota(quota)) => Some(quota),
+            // No setter makes it.
+            Some(Rate::Shared(_)) => None,
+        };
+        let hosts = Hosts::new(detail.origin(), self.per_host_concurrency, per_host_quota);
         Ok(FanOut::from_shared(Arc::new(Shared {
             client,
-            template,
+            detail,
             headers,
             timeout: self.timeout,
             deadline: self.deadline,
@@ -605,7 +710,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
             concurrency: self.concurrency,
             reorder_window,
             slots: Slots::new(self.concurrency),
-            pauses,
+            hosts,
             pause_on_retry_after: self.pause_on_retry_after,
             respect_rate_limit_headers: self.respect_rate_limit_headers,
             list,
@@ -664,6 +769,22 @@ impl<Id, T> FanOutBuilder<Id, T> {
 }
 
 /// Where the rate limit comes from.
+/// Where the detail URLs come from, as set.
+enum Detail {
+    Template(String),
+    Function(ErasedUrlFn),
+}
+
+impl fmt::Debug for Detail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Without any password it may carry.
+            Detail::Template(template) => fmt::Debug::fmt(&redact_userinfo(template), f),
+            Detail::Function(_) => f.write_str("<function>"),
+        }
+    }
+}
+
 enum Rate {
     PerSecond(u32),
     Quota(Quota),
@@ -687,11 +808,18 @@ fn config(message: impl Into<String>) -> Error {
 impl<Id, T> fmt::Debug for FanOutBuilder<Id, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FanOutBuilder")
-            .field("detail_url", &self.detail_url)
+            .field("detail_url", &self.detail)
             .field("list_url", &self.list_url)
             .field("pagination", &self.pagination)
             .field("concurrency", &self.concurrency)
             .field("rate", &self.rate)
+            .field("pause_on_retry_after", &self.pause_on_retry_after)
+            .field(
+                "respect_rate_limit_headers",
+                &self.respect_rate_limit_headers,
+            )
+            .field("per_host_concurrency", &self.per_host_concurrency)
+            .field("per_host_rate", &self.per_host_rate)
             .field("retry", &self.retry)
             .field("timeout", &self.timeout)
             .field("deadline", &self.deadline)

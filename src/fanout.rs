@@ -12,13 +12,13 @@ use serde::de::DeserializeOwned;
 use crate::batch::Batch;
 use crate::builder::FanOutBuilder;
 use crate::dedup::Seen;
+use crate::detail::DetailUrl;
 use crate::error::Error;
 use crate::event::OnEvent;
-use crate::limit::{Concurrency, Pauses, Slots};
+use crate::limit::{Concurrency, Hosts, Slots};
 use crate::list::{ListSettings, Lister, listed_ids};
 use crate::rate::Throttle;
 use crate::retry::RetryPolicy;
-use crate::template::UrlTemplate;
 
 /// Fetches one JSON record per id from a detail endpoint, many at a time.
 ///
@@ -39,7 +39,7 @@ pub struct FanOut<Id, T> {
 /// The settings and state that every request of every batch reads.
 pub(crate) struct Shared {
     pub(crate) client: reqwest::Client,
-    pub(crate) template: UrlTemplate,
+    pub(crate) detail: DetailUrl,
     /// Headers for every request that the client does not send by default.
     pub(crate) headers: HeaderMap,
     /// Per attempt.
@@ -54,8 +54,9 @@ pub(crate) struct Shared {
     pub(crate) reorder_window: usize,
     /// One permit per request on the wire, shared by all batches and clones.
     pub(crate) slots: Slots,
-    /// Pauses the servers asked for, by origin, shared by all batches and clones.
-    pub(crate) pauses: Pauses,
+    /// Per origin: pauses its server asked for, and its own limits if set; shared by
+    /// all batches and clones.
+    pub(crate) hosts: Hosts,
     /// A 429 or 503 with `Retry-After` pauses every request to its origin.
     pub(crate) pause_on_retry_after: bool,
     /// Rate-limit headers spread out or hold back requests as the quota runs out.
@@ -236,7 +237,7 @@ impl<Id, T> Clone for FanOut<Id, T> {
 impl<Id, T> fmt::Debug for FanOut<Id, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FanOut")
-            .field("detail_url", &self.shared.template)
+            .field("detail_url", &self.shared.detail)
             .field("concurrency", &self.shared.concurrency)
             .field("timeout", &self.shared.timeout)
             .field("deadline", &self.shared.deadline)

@@ -119,6 +119,7 @@
 mod batch;
 mod builder;
 mod dedup;
+mod detail;
 mod error;
 mod event;
 mod fanout;

@@ -3,9 +3,11 @@
 
 mod adaptive;
 mod concurrency;
+mod hosts;
 mod pause;
 
 pub use self::concurrency::Concurrency;
 
 pub(crate) use self::concurrency::{Signal, Slot, Slots};
-pub(crate) use self::pause::{Pause, Pauses};
+pub(crate) use self::hosts::{Host, Hosts};
+pub(crate) use self::pause::Pause;

@@ -252,7 +252,7 @@ impl Progress {
             waiting_for_token: counters.waiting_for_token.load(Relaxed),
             held_back: counters.held_back.load(Relaxed),
             concurrency_limit: self.scope.shared.slots.limit(),
-            in_backoff: self.scope.sleepers.count() as u64,
+            in_backoff: self.scope.sleepers.in_backoff() as u64,
             total: counters.total.get().copied(),
             elapsed,
             rate: 0.0,
@@ -317,9 +317,11 @@ pub struct Snapshot {
     pub in_flight: u64,
     /// Attempts holding a slot and waiting for a rate-limit token.
     pub waiting_for_token: u64,
-    /// Attempts held back because the server asked for a pause (`Retry-After` on a
-    /// 429 or 503), or spread out because its quota is running low
-    /// ([`respect_rate_limit_headers`](crate::FanOutBuilder::respect_rate_limit_headers)).
+    /// Attempts held back by their host: because its server asked for a pause
+    /// (`Retry-After` on a 429 or 503), because its quota is running low
+    /// ([`respect_rate_limit_headers`](crate::FanOutBuilder::respect_rate_limit_headers)),
+    /// or waiting for a slot under its own limit
+    /// ([`per_host_concurrency`](crate::FanOutBuilder::per_host_concurrency)).
     pub held_back: u64,
     /// The concurrency limit now: the fixed one, or where an
     /// [adaptive](crate::Concurrency::adaptive) one stands. Shared by all batches of

@@ -4,13 +4,14 @@ use bytes::{Bytes, BytesMut};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, Response, StatusCode};
 use serde::de::DeserializeOwned;
+use tokio::sync::OwnedSemaphorePermit;
 use url::Url;
 
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
-use crate::limit::{Pause, Signal, Slot};
-use crate::progress::Counters;
+use crate::limit::{Host, Pause, Signal, Slot};
 use crate::redirect;
+use crate::retry::Scope;
 use crate::retry::{is_transient_status, retry_after};
 
 /// A wait for a rate-limit token at least this long is logged (at debug level).
@@ -62,23 +63,51 @@ impl Failure {
     }
 }
 
-/// Waits for what an attempt needs before it may be sent: the end of any pause the
-/// server asked for, a concurrency slot, then a rate-limit token (in that order, so that
-/// no token is spent by a request that then queues for a slot), then its turn if the
-/// server's quota is being spread out. The slot is held until the returned guard is
-/// dropped.
+/// What an attempt holds while it is on the wire: a slot under the concurrency limit,
+/// and one under its host's own limit if it has one.
+pub(crate) struct Permit<'a> {
+    slot: Slot<'a>,
+    /// Boxed: most requests have no per-host limit, and every one would have room.
+    _host_slot: Option<Box<OwnedSemaphorePermit>>,
+}
+
+impl Permit<'_> {
+    /// Gives the slots back, telling an adaptive limit how the attempt ended.
+    pub(crate) fn finish(self, took: std::time::Duration, signal: Signal) {
+        self.slot.finish(took, signal);
+    }
+}
+
+/// Waits for what an attempt needs before it may be sent: the end of any pause its
+/// host's server asked for, a slot under the host's own limit (if set) and one under
+/// the concurrency limit, then a rate-limit token and one from the host's own bucket
+/// (if set), in that order, so that no token is spent by a request that then queues
+/// for a slot; then its turn, if the server's quota is being spread out.
+///
+/// While it waits for its host (a pause, the host's own slot) it holds no slot and is
+/// set aside, so that the engine may admit ids for other hosts meanwhile.
 pub(crate) async fn ready<'a>(
     shared: &'a Shared,
-    gate: &Pause,
-    progress: &Counters,
-) -> Result<Slot<'a>, Error> {
+    host: &Host,
+    scope: &Scope,
+) -> Result<Permit<'a>, Error> {
+    let progress = &scope.progress;
     loop {
-        if let Some(until) = gate.paused_until() {
+        if let Some(until) = host.pause.paused_until() {
             let _held = progress.held_back();
             // Boxed, as the other rare waits: every request's future would otherwise
             // have room for it.
-            Box::pin(tokio::time::sleep_until(until)).await;
+            let pause = Box::pin(tokio::time::sleep_until(until));
+            scope.sleepers.aside(pause).await;
         }
+        let host_slot = if host.has_own_slots() {
+            let _held = progress.held_back();
+            Box::pin(scope.sleepers.aside(host.slot()))
+                .await?
+                .map(Box::new)
+        } else {
+            None
+        };
         let slot = shared.slots.acquire().await?;
         if let Some(throttle) = &shared.throttle
             && !throttle.try_take()
@@ -94,14 +123,24 @@ pub(crate) async fn ready<'a>(
                 );
             }
         }
-        if gate.paused_until().is_some() {
-            continue; // the server asked for a pause meanwhile: the slot goes back
+        if shared.hosts.rate_limited() {
+            let _waiting = progress.waiting_for_token();
+            Box::pin(shared.hosts.token(host)).await;
         }
-        if let Some(due) = gate.pace() {
+        if host.pause.is_paused() {
+            continue; // the server asked for a pause meanwhile: the slots go back
+        }
+        if let Some(due) = host.pause.pace() {
             let _held = progress.held_back();
             Box::pin(tokio::time::sleep_until(due)).await;
+            if host.pause.is_paused() {
+                continue; // the quota ran out while it waited its turn
+            }
         }
-        return Ok(slot);
+        return Ok(Permit {
+            slot,
+            _host_slot: host_slot,
+        });
     }
 }
 

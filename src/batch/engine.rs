@@ -251,7 +251,7 @@ where
                 continue; // a repeat: it has had (or will have) its one outcome
             }
             let start = if displayed {
-                self.start(id_text)
+                self.start(&id, id_text)
             } else {
                 Err(Error::new(
                     ErrorKind::InvalidId,
@@ -273,7 +273,7 @@ where
     }
 
     /// Renders the id's URL, or returns why its request cannot run.
-    fn start(&mut self, id_text: String) -> Start {
+    fn start(&mut self, id: &Id, id_text: String) -> Start {
         if !*self
             .in_runtime
             .get_or_insert_with(|| Handle::try_current().is_ok())
@@ -287,8 +287,8 @@ where
         match self
             .scope
             .shared
-            .template
-            .render(&id_text, &mut self.url_text)
+            .detail
+            .url(id, &id_text, &mut self.url_text)
         {
             Ok(url) => Ok((Arc::clone(&self.scope), id_text, url)),
             Err(err) => Err(err.with_id_text(id_text)),
@@ -460,7 +460,7 @@ mod tests {
                 .unwrap();
             let shared = Arc::clone(fan.shared());
             let url = Url::parse("http://127.0.0.1:9/items/1").unwrap();
-            let attempt = size_of_val(&send(&shared, shared.pauses.detail(), url.clone()));
+            let attempt = size_of_val(&send(&shared, &shared.hosts.of(&url).pause, url.clone()));
             let start = Ok((Scope::new(shared), "1".into(), url));
             (size_of_val(&request::<u64, T>(0, 1, start)), attempt)
         }

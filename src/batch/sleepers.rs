@@ -29,7 +29,10 @@ use tokio::time::{Instant, Sleep};
 
 #[derive(Default)]
 pub(crate) struct Sleepers {
+    /// Ids holding no slot: asleep before a retry, or set aside (below).
     count: AtomicUsize,
+    /// Of those, the ones set aside rather than asleep.
+    aside: AtomicUsize,
     engine: AtomicWaker,
     /// Timers given back by finished attempts.
     timers: Mutex<Vec<Pin<Box<Sleep>>>>,
@@ -48,8 +51,26 @@ impl Sleepers {
         tokio::time::sleep_until(at).await;
     }
 
+    /// Runs `future` counted as holding no slot, so that the engine may admit another
+    /// id meanwhile: for an id waiting for its host (a pause its server asked for, the
+    /// host's own concurrency limit) while other hosts could take requests.
+    pub(crate) async fn aside<F: Future>(&self, future: F) -> F::Output {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        self.aside.fetch_add(1, Ordering::SeqCst);
+        let _back = Aside(self);
+        self.engine.wake();
+        future.await
+    }
+
+    /// Ids holding no slot: asleep before a retry, or set aside.
     pub(crate) fn count(&self) -> usize {
         self.count.load(Ordering::SeqCst)
+    }
+
+    /// Ids asleep before a retry.
+    pub(crate) fn in_backoff(&self) -> usize {
+        self.count()
+            .saturating_sub(self.aside.load(Ordering::SeqCst))
     }
 
     /// Registers the engine's waker; call before reading [`count`](Self::count).
@@ -124,6 +145,16 @@ struct Awake<'a>(&'a Sleepers);
 
 impl Drop for Awake<'_> {
     fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts an id set aside back in.
+struct Aside<'a>(&'a Sleepers);
+
+impl Drop for Aside<'_> {
+    fn drop(&mut self) {
+        self.0.aside.fetch_sub(1, Ordering::SeqCst);
         self.0.count.fetch_sub(1, Ordering::SeqCst);
     }
 }

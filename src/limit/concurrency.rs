@@ -191,7 +191,6 @@ impl Slots {
             permit: Some(permit),
             slots: self,
             ticket,
-            reported: false,
         })
     }
 
@@ -234,34 +233,28 @@ impl Slots {
 
 /// A request's place on the wire, given back when dropped.
 pub(crate) struct Slot<'a> {
+    /// `None` once given back.
     permit: Option<SemaphorePermit<'a>>,
     slots: &'a Slots,
     /// Its number, for an adaptive limit.
     ticket: u64,
-    reported: bool,
 }
 
 impl Slot<'_> {
     /// Gives the slot back, telling an adaptive limit how the attempt ended after
     /// `took`. (Dropped without this, a cancelled attempt, it says nothing.)
     pub(crate) fn finish(mut self, took: Duration, signal: Signal) {
-        if let Some(adaptive) = &self.slots.adaptive {
-            self.reported = true;
-            self.slots.report(adaptive, self.ticket, took, signal);
-        }
+        self.give_back(took, signal);
     }
-}
 
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
+    fn give_back(&mut self, took: Duration, signal: Signal) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
         let Some(adaptive) = &self.slots.adaptive else {
             return; // the permit goes back to the semaphore
         };
-        if !self.reported {
-            // The round must not wait for it forever.
-            self.slots
-                .report(adaptive, self.ticket, Duration::ZERO, Signal::Unknown);
-        }
+        self.slots.report(adaptive, self.ticket, took, signal);
         adaptive.in_flight.fetch_sub(1, Ordering::Relaxed);
         let owed = adaptive
             .debt
@@ -269,9 +262,16 @@ impl Drop for Slot<'_> {
                 debt.checked_sub(1)
             })
             .is_ok();
-        if owed && let Some(permit) = self.permit.take() {
+        if owed {
             permit.forget(); // the limit went down while it was in use
         }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        // Cancelled: nothing learned, but the round must not wait for it forever.
+        self.give_back(Duration::ZERO, Signal::Unknown);
     }
 }
 

@@ -4,12 +4,11 @@
 //! quota over the time left until it resets, and hold them back once it is spent.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::HeaderMap;
 use tokio::time::Instant;
-use url::Url;
 
 /// When requests to one origin (scheme, host, port) may go. Times are nanoseconds
 /// after `epoch`, so that they fit in atomics; 0 means "no limit".
@@ -23,6 +22,21 @@ pub(crate) struct Pause {
     next: AtomicU64,
     /// ...and when the quota resets and the spacing ends.
     spacing_ends: AtomicU64,
+    /// What the rate-limit headers have said of the current quota window.
+    window: Mutex<Option<Window>>,
+}
+
+/// When the current quota window ends, as narrowed down by the answers so far. A
+/// reset is given in whole seconds, rounded up: one answer puts the end within a
+/// second, and answers at other moments of the same window narrow it down further.
+/// Without that, each window would be taken to last up to a second longer than it
+/// does, which for a quota per second halves the rate.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// The window ends after this...
+    after: Instant,
+    /// ...and by this.
+    by: Instant,
 }
 
 /// A reset further ahead than a number of seconds this large is a Unix time (as
@@ -30,13 +44,14 @@ pub(crate) struct Pause {
 const UNIX_TIME_FROM: u64 = 1_000_000_000;
 
 impl Pause {
-    fn new(epoch: Instant) -> Self {
+    pub(crate) fn new(epoch: Instant) -> Self {
         Pause {
             epoch,
             until: AtomicU64::new(0),
             spacing: AtomicU64::new(0),
             next: AtomicU64::new(0),
             spacing_ends: AtomicU64::new(0),
+            window: Mutex::new(None),
         }
     }
 
@@ -74,6 +89,11 @@ impl Pause {
         self.paused_until_at(Instant::now())
     }
 
+    /// Whether requests are held back now.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused_until().is_some()
+    }
+
     fn paused_until_at(&self, now: Instant) -> Option<Instant> {
         let until = self.until.load(Ordering::Acquire);
         (until > self.nanos(now)).then(|| self.instant(until))
@@ -94,17 +114,22 @@ impl Pause {
         if spacing == 0 {
             return None;
         }
-        if now >= self.spacing_ends.load(Ordering::Acquire) {
+        let ends = self.spacing_ends.load(Ordering::Acquire);
+        if now >= ends {
             return None;
         }
         let mut due = 0;
-        let _ = self
+        let taken = self
             .next
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |next| {
                 due = next.max(now);
-                Some(due.saturating_add(spacing))
+                // No turn past the reset: the next window has a fresh quota.
+                (due < ends).then(|| due.saturating_add(spacing))
             });
-        (due > now).then(|| self.instant(due))
+        match taken {
+            Ok(_) => (due > now).then(|| self.instant(due)),
+            Err(_) => Some(self.instant(ends)),
+        }
     }
 
     /// Reads a response's rate-limit headers: with nothing left, holds requests back
@@ -120,7 +145,10 @@ impl Pause {
         let Some(quota) = Quota::read(headers, SystemTime::now()) else {
             return;
         };
-        let reset = quota.reset.min(longest);
+        let reset = self
+            .window_end(now, quota.reset)
+            .saturating_duration_since(now);
+        let reset = reset.min(longest);
         if quota.remaining == 0 {
             self.pause(now, reset);
         } else if quota.remaining <= low {
@@ -132,6 +160,29 @@ impl Pause {
         } else {
             self.spacing.store(0, Ordering::Release);
         }
+    }
+}
+
+impl Pause {
+    /// The latest the current quota window can end, given that an answer at `now`
+    /// said it resets in `reset` (rounded up to whole seconds).
+    fn window_end(&self, now: Instant, reset: Duration) -> Instant {
+        let Some(by) = now.checked_add(reset) else {
+            return now;
+        };
+        let after = now.max(by.checked_sub(Duration::from_secs(1)).unwrap_or(now));
+        let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        let narrowed = match *window {
+            // The same window if the two ranges meet: narrow it down.
+            Some(known) if known.after <= by && after <= known.by && known.by > now => Window {
+                after: known.after.max(after),
+                by: known.by.min(by),
+            },
+            // A new window (or the first answer).
+            _ => Window { after, by },
+        };
+        *window = Some(narrowed);
+        narrowed.by
     }
 }
 
@@ -176,55 +227,6 @@ impl Quota {
             Duration::from_secs(reset)
         };
         Some(Quota { remaining, reset })
-    }
-}
-
-/// The pauses of every origin a `FanOut` sends to: the detail endpoint's, kept at
-/// hand, and a few others (list pages may be served elsewhere).
-pub(crate) struct Pauses {
-    epoch: Instant,
-    detail: Pause,
-    detail_origin: url::Origin,
-    others: Mutex<Vec<(url::Origin, Arc<Pause>)>>,
-}
-
-/// The most other origins remembered; past it, the oldest one is forgotten.
-const OTHER_ORIGINS: usize = 16;
-
-impl Pauses {
-    pub(crate) fn new(detail: &Url) -> Self {
-        let epoch = Instant::now();
-        Pauses {
-            epoch,
-            detail: Pause::new(epoch),
-            detail_origin: detail.origin(),
-            others: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// The detail endpoint's.
-    pub(crate) fn detail(&self) -> &Pause {
-        &self.detail
-    }
-
-    /// The pause of `url`'s origin.
-    pub(crate) fn of(&self, url: &Url) -> Arc<Pause> {
-        let origin = url.origin();
-        let mut others = self.others.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, pause)) = others.iter().find(|(known, _)| *known == origin) {
-            return Arc::clone(pause);
-        }
-        if others.len() >= OTHER_ORIGINS {
-            others.remove(0);
-        }
-        let pause = Arc::new(Pause::new(self.epoch));
-        others.push((origin, Arc::clone(&pause)));
-        pause
-    }
-
-    /// Whether `url` is the detail endpoint's origin.
-    pub(crate) fn is_detail(&self, url: &Url) -> bool {
-        url.origin() == self.detail_origin
     }
 }
 
@@ -293,6 +295,28 @@ mod tests {
     }
 
     #[test]
+    fn answers_in_one_window_narrow_down_when_it_ends() {
+        let start = Instant::now();
+        let pause = Pause::new(start);
+        let ms = |n| Duration::from_millis(n);
+        // The window ends at start + 1.3 s. At 0.1 s the reset says 2 (1.2 s, rounded
+        // up), at 0.4 s it says 1 (0.9 s): it ends by 1.4 s.
+        assert_eq!(
+            pause.window_end(start + ms(100), Duration::from_secs(2)),
+            start + ms(2100)
+        );
+        assert_eq!(
+            pause.window_end(start + ms(400), Duration::from_secs(1)),
+            start + ms(1400)
+        );
+        // An answer of the next window (from 1.35 s, reset 2: ends by 3.35 s) starts anew.
+        assert_eq!(
+            pause.window_end(start + ms(1350), Duration::from_secs(2)),
+            start + ms(3350)
+        );
+    }
+
+    #[test]
     fn a_low_quota_spreads_sends_until_the_reset() {
         let now = Instant::now();
         let pause = Pause::new(now);
@@ -305,6 +329,8 @@ mod tests {
             .collect();
         let ms = |n| Some(Duration::from_millis(n));
         assert_eq!(due, [None, ms(500), ms(1000), ms(1500)]);
+        // Turns would now fall after the reset: wait for the reset instead.
+        assert_eq!(pause.pace_at(now).map(|at| at - now), ms(2000));
         // Past the reset, no more spacing.
         assert_eq!(pause.pace_at(now + Duration::from_secs(2)), None);
         // Plenty left: no spacing.

@@ -17,7 +17,7 @@ use crate::batch::Sleepers;
 use crate::error::{Error, ErrorKind};
 use crate::event::Event;
 use crate::fanout::Shared;
-use crate::limit::{Pause, Signal};
+use crate::limit::Signal;
 use crate::progress::Counters;
 use crate::request::{Answer, Failure, decode, ready, send};
 
@@ -56,7 +56,7 @@ pub(crate) fn fetch<T: DeserializeOwned>(
     url: Url,
 ) -> impl Future<Output = Result<T, Error>> + Send {
     let span = tracing::debug_span!("fanout.id", id = %id, url = %url);
-    attempts(scope, Some(id), url, decode, None).instrument(span)
+    attempts(scope, Some(id), url, decode).instrument(span)
 }
 
 /// Fetches `url` (a list page, not an id's record), retrying as the policy allows, and
@@ -66,16 +66,13 @@ pub(crate) fn fetch_with<T>(
     url: Url,
     read: impl FnMut(Answer) -> Result<T, Failure> + Send,
 ) -> impl Future<Output = Result<T, Error>> + Send {
-    // The detail endpoint's pause unless the list is served from elsewhere.
-    let gate = (!shared.pauses.is_detail(&url)).then(|| shared.pauses.of(&url));
     // Nobody admits others in place of a sleeping list page, and nobody reads its
     // counts: a scope of its own, which records nothing for `RunStats`.
-    attempts(Scope::new(Arc::clone(shared)), None, url, read, gate)
+    attempts(Scope::new(Arc::clone(shared)), None, url, read)
 }
 
 /// Attempts `url` until `read` accepts an answer or the policy gives up; an id's
-/// errors are named after it. Pauses the server asks for are kept in `gate`, or in the
-/// detail endpoint's when `None`.
+/// errors are named after it.
 ///
 /// An `async` block rather than an `async fn`: the future is most of an id's memory,
 /// and an `async fn` would keep a second copy of each argument in it.
@@ -88,11 +85,11 @@ fn attempts<T>(
     id: Option<String>,
     url: Url,
     mut read: impl FnMut(Answer) -> Result<T, Failure> + Send,
-    gate: Option<Arc<Pause>>,
 ) -> impl Future<Output = Result<T, Error>> + Send {
     async move {
         let (shared, sleepers, progress) = (&*scope.shared, &scope.sleepers, &scope.progress);
-        let gate = gate.as_deref().unwrap_or(shared.pauses.detail());
+        // The state of the URL's origin: its pause, and its own limits if set.
+        let host = shared.hosts.of(&url);
         let mut made: u32 = 0;
         // Both clocks start when the first attempt is sent, not when the id was
         // admitted: time spent waiting for a slot or a rate-limit token is not the
@@ -106,9 +103,9 @@ fn attempts<T>(
 
         let outcome = loop {
             let slot = match deadline {
-                None => ready(shared, gate, progress).await,
+                None => ready(shared, &host, &scope).await,
                 // Boxed: only ids with a deadline need room for its timer here.
-                Some(at) => match timeout_at(at, Box::pin(ready(shared, gate, progress))).await {
+                Some(at) => match timeout_at(at, Box::pin(ready(shared, &host, &scope))).await {
                     Ok(slot) => slot,
                     Err(_) => {
                         let when = format!(
@@ -145,7 +142,7 @@ fn attempts<T>(
             // small enough for the allocator's per-thread cache, which one large box
             // is not.
             let sending = Box::pin(
-                send(shared, gate, url.clone())
+                send(shared, &host.pause, url.clone())
                     .instrument(tracing::debug_span!("fanout.attempt", n = made)),
             );
             // In a block of its own, so that the attempt's result takes no room in the
