@@ -57,7 +57,8 @@
 //!
 //! # How a request runs
 //!
-//! For each attempt at an id: take a concurrency slot → wait for a rate-limit token
+//! For each attempt at an id: wait out any pause its server asked for → take a
+//! concurrency slot (and its host's, if limited per host) → wait for a rate-limit token
 //! (if a rate is set) → send, with the configured headers, query and per-attempt
 //! timeout → read the body, stopping at the size cap → decode the JSON into `T` →
 //! release the slot. Non-2xx answers, transport failures, oversized bodies and
@@ -88,6 +89,30 @@
 //!     .retry(RetryPolicy::exponential().max_retries(5))
 //!     .timeout(Duration::from_secs(10)) // per attempt
 //!     .deadline(Duration::from_secs(60)) // per id, across attempts
+//!     .build()?;
+//! # Ok::<(), fanout::Error>(())
+//! ```
+//!
+//! # Finding the right speed
+//!
+//! Few users know the concurrency an API copes with. [`Concurrency::adaptive`] finds
+//! it: the limit starts at `min`, grows while answers come back at a steady latency,
+//! and is cut when the server answers 429, 503 or 504, times out, or gets slower under
+//! the load; never outside `min..=max`. Whatever the limit, a 429 or 503 with
+//! `Retry-After` holds back every request to that server for that long
+//! ([`pause_on_retry_after`](FanOutBuilder::pause_on_retry_after)), and
+//! [`respect_rate_limit_headers`](FanOutBuilder::respect_rate_limit_headers) slows down
+//! before a quota the server announces runs out. Ids on several hosts
+//! ([`detail_url_with`](FanOutBuilder::detail_url_with)) can be limited per host too.
+//!
+//! ```no_run
+//! use fanout::{Concurrency, FanOut};
+//!
+//! # #[derive(serde::Deserialize)] struct Video;
+//! let videos = FanOut::<String, Video>::builder()
+//!     .detail_url("https://api.example.com/videos/{id}")
+//!     .concurrency(Concurrency::adaptive(1, 100))
+//!     .respect_rate_limit_headers(true)
 //!     .build()?;
 //! # Ok::<(), fanout::Error>(())
 //! ```
