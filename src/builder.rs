@@ -585,8 +585,10 @@ impl<Id, T> FanOutBuilder<Id, T> {
     ///   with a host, or carries a user name or password.
     /// - [`ErrorKind::InvalidHeader`]: a `header` name or value, or the `bearer_auth`
     ///   token, is not valid HTTP (the first such problem is reported).
-    /// - [`ErrorKind::InvalidConfig`]: `concurrency`, `max_body_bytes`,
-    ///   `reorder_window` or `requests_per_second` is 0, `concurrency` exceeds
+    /// - [`ErrorKind::InvalidConfig`]: `concurrency` (a fixed one, or an adaptive one's
+    ///   `min`), `per_host_concurrency`, `max_body_bytes`, `reorder_window`,
+    ///   `requests_per_second` or `per_host_requests_per_second` is 0, an adaptive
+    ///   concurrency's `min` is above its `max`, a concurrency exceeds
     ///   2<sup>60</sup>, `timeout` or `deadline` is zero, the retry policy's
     ///   `max_delay` is shorter than its `initial_delay` (or its `initial_delay` is
     ///   zero and its `max_delay` is not), `max_pages` is 0, `ids_at`, `total_at` or a
@@ -679,8 +681,13 @@ impl<Id, T> FanOutBuilder<Id, T> {
                 })?,
         };
 
-        if self.per_host_concurrency == Some(0) {
-            return Err(config("per_host_concurrency must be at least 1"));
+        if let Some(limit) = self.per_host_concurrency {
+            Concurrency::fixed(limit).validate().map_err(|_| {
+                config(format!(
+                    "per_host_concurrency must be between 1 and {}",
+                    tokio::sync::Semaphore::MAX_PERMITS
+                ))
+            })?;
         }
         let per_host_quota = match self.per_host_rate {
             None => None,
@@ -768,7 +775,6 @@ impl<Id, T> FanOutBuilder<Id, T> {
     }
 }
 
-/// Where the rate limit comes from.
 /// Where the detail URLs come from, as set.
 enum Detail {
     Template(String),
@@ -785,6 +791,7 @@ impl fmt::Debug for Detail {
     }
 }
 
+/// Where the rate limit comes from.
 enum Rate {
     PerSecond(u32),
     Quota(Quota),

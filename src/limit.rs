@@ -10,4 +10,4 @@ pub use self::concurrency::Concurrency;
 
 pub(crate) use self::concurrency::{Signal, Slot, Slots};
 pub(crate) use self::hosts::{Host, Hosts};
-pub(crate) use self::pause::Pause;
+pub(crate) use self::pause::{Pause, Turn};

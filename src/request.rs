@@ -9,7 +9,8 @@ use url::Url;
 
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
-use crate::limit::{Host, Pause, Signal, Slot};
+use crate::limit::{Host, Pause, Signal, Slot, Turn};
+use crate::progress::Counters;
 use crate::redirect;
 use crate::retry::Scope;
 use crate::retry::{is_transient_status, retry_after};
@@ -78,14 +79,18 @@ impl Permit<'_> {
     }
 }
 
-/// Waits for what an attempt needs before it may be sent: the end of any pause its
-/// host's server asked for, a slot under the host's own limit (if set) and one under
-/// the concurrency limit, then a rate-limit token and one from the host's own bucket
-/// (if set), in that order, so that no token is spent by a request that then queues
-/// for a slot; then its turn, if the server's quota is being spread out.
+/// Waits for what an attempt needs before it may be sent. First its host's part: the
+/// end of any pause the server asked for, then a slot under the host's own limit and a
+/// token from its own bucket (if set). Then a slot under the concurrency limit and a
+/// rate-limit token, in that order, so that no token is spent by a request that then
+/// queues for a slot. Last, if the server's quota is being spread out, its turn: it
+/// gives the slot back while it waits for it, and takes one again then.
 ///
-/// While it waits for its host (a pause, the host's own slot) it holds no slot and is
-/// set aside, so that the engine may admit ids for other hosts meanwhile.
+/// Whatever it waits for its host for (a pause, the host's own slot or token, its
+/// turn), it holds no overall slot and is set aside, so that the engine may admit ids
+/// for other hosts meanwhile. At most as many attempts as the concurrency limit pass
+/// the turn check at once, so that no more than that many go out unspaced when a
+/// quota window begins.
 pub(crate) async fn ready<'a>(
     shared: &'a Shared,
     host: &Host,
@@ -93,10 +98,10 @@ pub(crate) async fn ready<'a>(
 ) -> Result<Permit<'a>, Error> {
     let progress = &scope.progress;
     loop {
+        // Each rare wait is boxed: every request's future would otherwise have room
+        // for it.
         if let Some(until) = host.pause.paused_until() {
             let _held = progress.held_back();
-            // Boxed, as the other rare waits: every request's future would otherwise
-            // have room for it.
             let pause = Box::pin(tokio::time::sleep_until(until));
             scope.sleepers.aside(pause).await;
         }
@@ -108,33 +113,33 @@ pub(crate) async fn ready<'a>(
         } else {
             None
         };
-        let slot = shared.slots.acquire().await?;
-        if let Some(throttle) = &shared.throttle
-            && !throttle.try_take()
-        {
-            let _waiting = progress.waiting_for_token();
-            let started = std::time::Instant::now();
-            Box::pin(throttle.wait()).await;
-            let waited = started.elapsed();
-            if waited >= LONG_TOKEN_WAIT {
-                tracing::debug!(
-                    waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-                    "waited for a rate-limit token",
-                );
-            }
-        }
         if shared.hosts.rate_limited() {
             let _waiting = progress.waiting_for_token();
-            Box::pin(shared.hosts.token(host)).await;
+            Box::pin(scope.sleepers.aside(shared.hosts.token(host))).await;
         }
+        let mut slot = overall_slot(shared, progress).await?;
         if host.pause.is_paused() {
             continue; // the server asked for a pause meanwhile: the slots go back
         }
-        if let Some(due) = host.pause.pace() {
-            let _held = progress.held_back();
-            Box::pin(tokio::time::sleep_until(due)).await;
-            if host.pause.is_paused() {
-                continue; // the quota ran out while it waited its turn
+        match host.pause.pace() {
+            Turn::Now => {}
+            Turn::At(due) => {
+                drop(slot);
+                let _held = progress.held_back();
+                let turn = Box::pin(tokio::time::sleep_until(due));
+                scope.sleepers.aside(turn).await;
+                // The turn is its own: a slot again, and no second token.
+                slot = Box::pin(shared.slots.acquire()).await?;
+                if host.pause.is_paused() {
+                    continue; // the quota ran out while it waited its turn
+                }
+            }
+            Turn::AfterReset(reset) => {
+                drop(slot);
+                let _held = progress.held_back();
+                let wait = Box::pin(tokio::time::sleep_until(reset));
+                scope.sleepers.aside(wait).await;
+                continue; // the next window's answers will say how it goes
             }
         }
         return Ok(Permit {
@@ -142,6 +147,26 @@ pub(crate) async fn ready<'a>(
             _host_slot: host_slot,
         });
     }
+}
+
+/// A slot under the concurrency limit, then a token from the rate limit, if set.
+async fn overall_slot<'a>(shared: &'a Shared, progress: &Counters) -> Result<Slot<'a>, Error> {
+    let slot = shared.slots.acquire().await?;
+    if let Some(throttle) = &shared.throttle
+        && !throttle.try_take()
+    {
+        let _waiting = progress.waiting_for_token();
+        let started = std::time::Instant::now();
+        Box::pin(throttle.wait()).await;
+        let waited = started.elapsed();
+        if waited >= LONG_TOKEN_WAIT {
+            tracing::debug!(
+                waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                "waited for a rate-limit token",
+            );
+        }
+    }
+    Ok(slot)
 }
 
 /// Heeds what a response says about the server's load: `Retry-After` on a 429 or 503
@@ -364,6 +389,29 @@ mod tests {
     #[allow(dead_code)]
     struct Stats {
         views: u64,
+    }
+
+    #[test]
+    fn what_a_failure_says_about_the_servers_load() {
+        let url = Url::parse("http://h/items/1").unwrap();
+        let failure = |kind, status: Option<u16>| {
+            let mut error = Error::request(kind, url.clone(), "");
+            if let Some(status) = status {
+                error = error.with_status(StatusCode::from_u16(status).unwrap());
+            }
+            Failure::new(error, true).signal()
+        };
+        for status in [429, 503, 504] {
+            assert_eq!(failure(ErrorKind::Status, Some(status)), Signal::Overloaded);
+        }
+        assert_eq!(failure(ErrorKind::Timeout, None), Signal::Overloaded);
+        // Whole answers: their latency is a sample.
+        assert_eq!(failure(ErrorKind::Status, Some(404)), Signal::Answered);
+        assert_eq!(failure(ErrorKind::Status, Some(500)), Signal::Answered);
+        assert_eq!(failure(ErrorKind::Decode, Some(200)), Signal::Answered);
+        // No whole answer: nothing to learn.
+        assert_eq!(failure(ErrorKind::Connect, None), Signal::Unknown);
+        assert_eq!(failure(ErrorKind::Body, Some(200)), Signal::Unknown);
     }
 
     #[test]

@@ -126,14 +126,14 @@ impl UrlTemplate {
         })
     }
 
-    /// Renders the URL for `id` (the id's `Display` form) into `buf`, then builds it.
-    ///
-    /// `buf` is scratch space the caller reuses between ids.
     /// The scheme, host and port every rendered URL has.
     pub(crate) fn origin(&self) -> &Url {
         &self.origin
     }
 
+    /// Renders the URL for `id` (the id's `Display` form) into `buf`, then builds it.
+    ///
+    /// `buf` is scratch space the caller reuses between ids.
     pub(crate) fn render(&self, id: &str, buf: &mut String) -> Result<Url, Error> {
         if let Some(segment) = self.dot_segments.iter().find(|s| s.rejects(id)) {
             let what = if segment.literal_dots + id.len() * segment.holes == 0 {

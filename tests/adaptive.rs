@@ -11,6 +11,10 @@ use support::Item;
 use support::chaos::{ChaosServer, Fault, Visit};
 use support::load::{capacity_server, quota_server};
 
+/// The tests of this file measure time: they run one at a time, not side by side.
+static ONE_AT_A_TIME: std::sync::LazyLock<tokio::sync::Mutex<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::Mutex::new(()));
+
 const CAPACITY: usize = 10;
 const BASE: Duration = Duration::from_millis(50);
 const PER_EXTRA: Duration = Duration::from_millis(100);
@@ -70,6 +74,7 @@ async fn run(concurrency: Concurrency) -> Duration {
 /// its capacity of 10. The full curve is in benches/adaptive.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adaptive_concurrency_finds_the_capacity_of_a_server_that_slows_down() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     // Adaptive, watched: where the limit stands, and what the server sees.
     let server = capacity_server(CAPACITY, BASE, PER_EXTRA);
     let fan = client(&server, Concurrency::adaptive(1, 100));
@@ -129,6 +134,7 @@ async fn adaptive_concurrency_finds_the_capacity_of_a_server_that_slows_down() {
 /// load: the spread must not pass for overload, and the limit must reach its max.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_whose_latency_varies_but_not_with_load_gets_the_max() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let server = ChaosServer::dynamic(|arrival| {
         let id: u64 = arrival.id.parse().unwrap_or(0);
         let ms = if id % 50 == 7 {
@@ -210,32 +216,33 @@ fn arrivals_during_pauses(visits: &[Visit], grace: Duration) -> (usize, Duration
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_with_retry_after_pauses_every_request_to_the_server() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     // Requests sent before the client read the 429 (under a millisecond here).
     let grace = Duration::from_millis(20);
+    // What a fixed concurrency without the pause produces.
+    let unpaused = refusals(&through_quota(Concurrency::fixed(8), false).await.visits());
     for concurrency in [Concurrency::fixed(8), Concurrency::adaptive(1, 8)] {
         let paused = through_quota(concurrency, true).await.visits();
-        let unpaused = through_quota(concurrency, false).await.visits();
         let (on_their_way, latest, during) = arrivals_during_pauses(&paused, grace);
         println!(
-            "{concurrency:?}: 429s with the pause {}, without {}; {on_their_way} \
-             requests were on their way when a pause began (the latest {latest:?} after \
-             its 429), {during} arrived during one",
+            "{concurrency:?}: 429s with the pause {}, fixed 8 without it {unpaused}; \
+             {on_their_way} requests were on their way when a pause began (the latest \
+             {latest:?} after its 429), {during} arrived during one",
             refusals(&paused),
-            refusals(&unpaused),
         );
         assert_eq!(during, 0, "requests arrived during a pause");
         assert!(on_their_way <= 8 * 5, "{on_their_way} on their way");
         assert!(
-            refusals(&paused) * 3 <= refusals(&unpaused),
-            "the pause did not save many 429s: {} with, {} without",
+            refusals(&paused) * 3 <= unpaused,
+            "the pause did not save many 429s: {} with, {unpaused} without",
             refusals(&paused),
-            refusals(&unpaused)
         );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_headers_spread_the_quota_and_avoid_429s() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let mut counts = Vec::new();
     for respect in [true, false] {
         let server = quota_server(20, Duration::from_secs(2), true);

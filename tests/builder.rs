@@ -107,6 +107,33 @@ fn number_problems() {
         "too large",
     );
     assert_fails(
+        builder().concurrency(fanout::Concurrency::adaptive(0, 8)),
+        ErrorKind::InvalidConfig,
+        "concurrency must be at least 1",
+    );
+    assert_fails(
+        builder().concurrency(fanout::Concurrency::adaptive(9, 8)),
+        ErrorKind::InvalidConfig,
+        "min (9) is above its max (8)",
+    );
+    assert_fails(
+        builder().concurrency(fanout::Concurrency::adaptive(1, usize::MAX)),
+        ErrorKind::InvalidConfig,
+        "too large",
+    );
+    for limit in [0, usize::MAX] {
+        assert_fails(
+            builder().per_host_concurrency(limit),
+            ErrorKind::InvalidConfig,
+            "per_host_concurrency must be between 1 and",
+        );
+    }
+    assert_fails(
+        builder().per_host_requests_per_second(0),
+        ErrorKind::InvalidConfig,
+        "per_host_requests_per_second must be at least 1",
+    );
+    assert_fails(
         builder().timeout(Duration::ZERO),
         ErrorKind::InvalidConfig,
         "timeout",

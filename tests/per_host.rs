@@ -218,3 +218,38 @@ async fn a_url_function_that_refuses_fails_that_id_alone_and_sends_nothing() {
             .all(|visit| visit.query.as_deref() == Some("key=v"))
     );
 }
+
+/// Most ids on one host with a per-host rate: while they wait for that host's tokens
+/// they hold no overall slot, so the other host's ids are admitted and done early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_one_hosts_tokens_does_not_hold_up_the_other_host() {
+    let busy = ChaosServer::always(Fault::Fine);
+    let other = ChaosServer::always(Fault::Fine);
+    let (busy_addr, other_addr) = (busy.addr, other.addr);
+    let quota = fanout::Quota::per_second(std::num::NonZeroU32::new(20).unwrap())
+        .allow_burst(std::num::NonZeroU32::new(1).unwrap());
+    let fan: FanOut<u32, Item> = FanOut::builder()
+        .detail_url_with(move |id: &u32| {
+            let addr = if id % 10 == 0 { other_addr } else { busy_addr };
+            Url::parse(&format!("http://{addr}/items/{id}"))
+        })
+        .concurrency(4)
+        .per_host_rate_limit(quota)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let mut done = fan.fan_out(0..40).as_completed();
+    let mut other_done = Duration::ZERO;
+    while let Some((id, result)) = futures::StreamExt::next(&mut done).await {
+        result.unwrap();
+        if id % 10 == 0 {
+            other_done = started.elapsed();
+        }
+    }
+    let took = started.elapsed();
+    println!("the other host's 4 ids done after {other_done:?}, all 40 after {took:?}");
+    // 36 ids at 20/s take 1.75 s; the other host's last id (30) is admitted once 16
+    // ids are out of the way, not once 26 are.
+    assert!(took >= Duration::from_millis(1700), "{took:?}");
+    assert!(other_done * 2 < took, "{other_done:?} of {took:?}");
+}

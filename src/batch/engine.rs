@@ -50,8 +50,6 @@ pub(crate) struct Core<Id, T> {
     running: Box<dyn Requests<Id, T>>,
     /// Outcomes taken from `running` by [`drive_one`](Core::drive_one), not yet handed out.
     finished: VecDeque<Done<Id, T>>,
-    /// Most ids admitted at once, asleep or not, finished or not, until handed out.
-    max_admitted: usize,
     /// The ids admitted so far, when repeats are dropped.
     seen: Option<Seen>,
     next_seq: u64,
@@ -79,7 +77,6 @@ where
         ids: BoxStream<'static, Result<Id, Error>>,
         total: Arc<OnceLock<u64>>,
     ) -> Self {
-        let max_admitted = shared.slots.max().saturating_mul(ADMITTED_PER_SLOT);
         let seen = shared.dedup_ids.then(Seen::default);
         let scope = Scope::with_progress(shared, Counters::with_total(total));
         // Repeats dropped unseen would make the input's size a wrong total.
@@ -99,7 +96,6 @@ where
             input_error: None,
             running: requests(request::<Id, T>),
             finished: VecDeque::new(),
-            max_admitted,
             seen,
             next_seq: 0,
             in_runtime: None,
@@ -144,8 +140,9 @@ where
     }
 
     /// The next outcome to finish. New ids are admitted while fewer than the
-    /// concurrency limit (as it is now, if it adapts) are running and awake (ids asleep between retries hold no slot), at most
-    /// `max_admitted` in all, and while their position is below `admit_below` (the
+    /// concurrency limit (as it is now, if it adapts) are running and awake (ids asleep
+    /// between retries, or set aside waiting for their host, hold no slot), at most
+    /// 4 × the limit in all, and while their position is below `admit_below` (the
     /// in-order output's window; `u64::MAX` for none).
     pub(crate) fn poll_done(
         &mut self,
@@ -220,8 +217,11 @@ where
             // Outcomes set aside count as running: they are not handed out yet.
             let admitted = self.running.len() + self.finished.len();
             let awake = admitted - self.scope.sleepers.count().min(self.running.len());
-            if admitted >= self.max_admitted
-                || awake >= self.scope.shared.slots.limit()
+            // At most a few ids per slot of the limit as it is now, asleep or not,
+            // finished or not, until handed out.
+            let limit = self.scope.shared.slots.limit();
+            if admitted >= limit.saturating_mul(ADMITTED_PER_SLOT)
+                || awake >= limit
                 || self.next_seq >= admit_below
             {
                 return;

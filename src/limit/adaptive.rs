@@ -42,7 +42,7 @@ pub(crate) struct Controller {
     max: f64,
     /// The limit before rounding down; it grows and shrinks by fractions.
     limit: f64,
-    /// Growing by half each good round, until the first slow answer.
+    /// Growing by a quarter each good round, until the first overloaded one.
     slow_start: bool,
     /// The lowest median latency seen, over at least [`BASELINE_SAMPLES`] answers of
     /// good rounds: the server's latency without our load, as near as we can tell. (A
@@ -140,8 +140,11 @@ impl Controller {
         }
         // Too many slow answers end a round at once: waiting for the rest would only
         // keep the limit too high for longer.
+        // At the floor the limit cannot be cut: the whole round is judged, by its
+        // median, as to whether the server has got slower on its own.
         let allowed = self.size / SLOW_ALLOWED_PER;
-        if self.baseline.is_some() && self.slow > allowed {
+        let at_floor = self.limit <= self.min;
+        if self.baseline.is_some() && self.slow > allowed && !at_floor {
             let median = median(&mut self.latencies);
             return Some(self.slow_round(issued, from, median));
         }
@@ -150,6 +153,16 @@ impl Controller {
         }
         if self.latencies.is_empty() {
             return Some(self.next_round(issued, from, "nothing learned"));
+        }
+        if let Some(baseline) = self.baseline
+            && self.slow > allowed
+        {
+            let median = median(&mut self.latencies);
+            if median.as_secs_f64() > TOLERANCE * baseline.as_secs_f64() {
+                // Slow at the floor: not our doing.
+                return Some(self.new_baseline(issued, from, median));
+            }
+            return Some(self.next_round(issued, from, "steady"));
         }
         self.pool.append(&mut self.latencies);
         if self.pool.len() >= BASELINE_SAMPLES {
@@ -166,16 +179,9 @@ impl Controller {
     /// A round with too many slow answers.
     fn slow_round(&mut self, issued: u64, from: usize, median: Duration) -> Option<Change> {
         self.slow_rounds += 1;
-        if self.limit <= self.min || self.slow_rounds >= REBASE_AFTER {
-            // Slow at the floor, or slow for long whatever we did: not our doing.
-            self.baseline = Some(median);
-            self.pool.clear();
-            self.slow_rounds = 0;
-            return self.next_round(
-                issued,
-                from,
-                "latency rose, but not with our load: a new baseline",
-            );
+        if self.slow_rounds >= REBASE_AFTER {
+            // Slow for long whatever we did: not our doing.
+            return self.new_baseline(issued, from, median);
         }
         match self.before_growth {
             // The last growth overloaded the server: back to where it was, and wait
@@ -190,6 +196,18 @@ impl Controller {
             None => self.cut(DECREASE),
         }
         self.next_round(issued, from, "latency rose with our load")
+    }
+
+    /// The server is slow on its own: `median` is its latency now.
+    fn new_baseline(&mut self, issued: u64, from: usize, median: Duration) -> Option<Change> {
+        self.baseline = Some(median);
+        self.pool.clear();
+        self.slow_rounds = 0;
+        self.next_round(
+            issued,
+            from,
+            "latency rose, but not with our load: a new baseline",
+        )
     }
 
     /// A round with few enough slow answers: grow the limit if it is in use (by
@@ -211,7 +229,7 @@ impl Controller {
         self.waited = 0;
         let before = self.limit;
         let grown = if self.slow_start {
-            // At least one more: 1 × 1.5 rounds down to 1.
+            // At least one more: 1 × 1.25 rounds down to 1.
             (self.limit * SLOW_START_GROWTH).max(self.limit + 1.0)
         } else {
             self.limit + 1.0
@@ -404,6 +422,21 @@ mod tests {
             round(&mut c, &[30, 30, 30, 30, 30, 30, 30, 30]);
         }
         assert_eq!(c.baseline, Some(30 * MS));
+    }
+
+    #[test]
+    fn one_slow_answer_at_the_floor_is_not_the_new_baseline() {
+        let mut c = Controller::new(4, 100);
+        c.baseline = Some(50 * MS);
+        for (ticket, ms) in [50, 50, 50, 500].into_iter().enumerate() {
+            c.observe(ticket as u64, ms * MS, Signal::Answered, 4, 4);
+        }
+        assert_eq!((c.limit(), c.baseline), (4, Some(50 * MS)));
+        // A whole round slow at the floor is the server's doing: a new baseline.
+        for ticket in 4..8 {
+            c.observe(ticket, 300 * MS, Signal::Answered, 4, 8);
+        }
+        assert_eq!((c.limit(), c.baseline), (4, Some(300 * MS)));
     }
 
     #[test]

@@ -43,21 +43,24 @@ impl Concurrency {
     /// A limit that adapts, within `min..=max`, to how the server copes, in the manner
     /// of TCP's congestion control and Netflix's concurrency-limits:
     ///
-    /// - It starts at `min` and doubles while the server keeps up (slow start).
-    /// - It drops by 10% when an attempt ends in 429, 503 or 504, or times out.
-    /// - It drops in proportion (by 10% to 50%) when the median latency of the latest
-    ///   round of requests is more than twice the lowest seen. A server that does not
-    ///   refuse work but slows down under load is detected this way.
-    /// - Otherwise it grows by one per round, but only while it is in use: an input
-    ///   that supplies ids slower than the server answers does not inflate it.
+    /// - It starts at `min` and grows by a quarter each round while the server keeps
+    ///   up (slow start), then by one each round.
+    /// - It drops by 10% when an attempt ends in 429, 503 or 504, or times out; and
+    ///   when more than one answer in ten of a round is over twice the server's usual
+    ///   latency (the lowest median of 32 answers seen), so that a server that does
+    ///   not refuse work but slows down under load is detected too. A growth that
+    ///   overloads the server is undone, and tried again ever more rarely.
+    /// - It grows only while it is in use: an input that supplies ids slower than the
+    ///   server answers does not inflate it.
     ///
-    /// A round is as many answers as the limit, from requests sent after the last
-    /// change, so each decision judges the current limit. The current limit is in
+    /// A round is the next attempts sent, as many as the limit, so each decision
+    /// judges the limit as it is now. The current limit is in
     /// [`Snapshot::concurrency_limit`](crate::Snapshot::concurrency_limit).
     ///
     /// One limit applies to all of a `FanOut`'s requests, with the signal from all of
     /// them. `docs/performance.md` shows how it compares with fixed limits against a
-    /// server that slows down past its capacity.
+    /// server that slows down past its capacity, and `docs/design.md` why it works as
+    /// it does.
     pub const fn adaptive(min: usize, max: usize) -> Self {
         Concurrency(Kind::Adaptive { min, max })
     }
@@ -117,7 +120,6 @@ pub(crate) struct Slots {
     semaphore: Semaphore,
     /// The current limit.
     limit: AtomicUsize,
-    max: usize,
     adaptive: Option<Adaptive>,
 }
 
@@ -138,11 +140,10 @@ struct Adaptive {
 impl Slots {
     /// Slots for a validated `Concurrency`.
     pub(crate) fn new(concurrency: Concurrency) -> Self {
-        let (start, max, adaptive) = match concurrency.0 {
-            Kind::Fixed(limit) => (limit, limit, None),
+        let (start, adaptive) = match concurrency.0 {
+            Kind::Fixed(limit) => (limit, None),
             Kind::Adaptive { min, max } => (
                 min,
-                max,
                 Some(Adaptive {
                     controller: std::sync::Mutex::new(Controller::new(min, max)),
                     debt: AtomicUsize::new(0),
@@ -155,7 +156,6 @@ impl Slots {
         Slots {
             semaphore: Semaphore::new(start),
             limit: AtomicUsize::new(start),
-            max,
             adaptive,
         }
     }
@@ -163,11 +163,6 @@ impl Slots {
     /// The current limit.
     pub(crate) fn limit(&self) -> usize {
         self.limit.load(Ordering::Relaxed)
-    }
-
-    /// The highest the limit may go.
-    pub(crate) fn max(&self) -> usize {
-        self.max
     }
 
     pub(crate) fn is_adaptive(&self) -> bool {

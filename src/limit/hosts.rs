@@ -70,12 +70,22 @@ impl Deref for HostRef<'_> {
     }
 }
 
+/// The origins other than the detail template's.
+#[derive(Default)]
+struct Others {
+    map: HashMap<String, Arc<Host>>,
+    /// The size at which to forget those not in use: [`ORIGINS_KEPT`], or twice what
+    /// was kept last time, so that a map of origins all in use is not swept at
+    /// every new one.
+    prune_at: usize,
+}
+
 /// Every origin's state, shared by all batches and clones of a `FanOut`.
 pub(crate) struct Hosts {
     epoch: Instant,
     /// The detail template's origin (scheme, host, port) and its state.
     detail: Option<(String, String, Option<u16>, Host)>,
-    others: Mutex<HashMap<String, Arc<Host>>>,
+    others: Mutex<Others>,
     per_host_concurrency: Option<usize>,
     per_host_rate: Option<KeyedLimiter>,
 }
@@ -91,7 +101,10 @@ impl Hosts {
         let mut hosts = Hosts {
             epoch,
             detail: None,
-            others: Mutex::new(HashMap::new()),
+            others: Mutex::new(Others {
+                map: HashMap::new(),
+                prune_at: ORIGINS_KEPT,
+            }),
             per_host_concurrency,
             per_host_rate: per_host_quota.map(KeyedLimiter::keyed),
         };
@@ -128,19 +141,22 @@ impl Hosts {
         }
         let key = key(url);
         let mut others = self.others.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(host) = others.get(&key) {
+        if let Some(host) = others.map.get(&key) {
             return HostRef::Other(Arc::clone(host));
         }
-        if others.len() >= ORIGINS_KEPT {
-            // Those only the map holds, with no pause to remember.
-            others.retain(|_, host| Arc::strong_count(host) > 1 || host.pause.is_paused());
+        if others.map.len() >= others.prune_at {
+            // Those only the map holds, with no pause or spread-out quota to remember.
+            others
+                .map
+                .retain(|_, host| Arc::strong_count(host) > 1 || !host.pause.is_quiet());
+            others.prune_at = ORIGINS_KEPT.max(others.map.len().saturating_mul(2));
             if let Some(limiter) = &self.per_host_rate {
                 limiter.retain_recent();
                 limiter.shrink_to_fit();
             }
         }
         let host = Arc::new(self.host(key.clone()));
-        others.insert(key, Arc::clone(&host));
+        others.map.insert(key, Arc::clone(&host));
         HostRef::Other(host)
     }
 
@@ -161,7 +177,7 @@ impl Hosts {
     /// How many origins are remembered besides the detail template's.
     #[cfg(test)]
     fn remembered(&self) -> usize {
-        self.others.lock().unwrap().len()
+        self.others.lock().unwrap().map.len()
     }
 }
 

@@ -39,6 +39,17 @@ struct Window {
     by: Instant,
 }
 
+/// When an attempt may be sent, as the quota is spread out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    Now,
+    /// At this time, which is its own.
+    At(Instant),
+    /// Not before the reset; then ask again, as the answers from the next window will
+    /// say how it goes.
+    AfterReset(Instant),
+}
+
 /// A reset further ahead than a number of seconds this large is a Unix time (as
 /// GitHub's `X-RateLimit-Reset` is), not a number of seconds from now.
 const UNIX_TIME_FROM: u64 = 1_000_000_000;
@@ -94,29 +105,34 @@ impl Pause {
         self.paused_until().is_some()
     }
 
+    /// Whether there is nothing to remember: no pause, no quota being spread out.
+    pub(crate) fn is_quiet(&self) -> bool {
+        let now = self.nanos(Instant::now());
+        let pacing = self.spacing.load(Ordering::Acquire) != 0
+            && now < self.spacing_ends.load(Ordering::Acquire);
+        !pacing && self.until.load(Ordering::Acquire) <= now
+    }
+
     fn paused_until_at(&self, now: Instant) -> Option<Instant> {
         let until = self.until.load(Ordering::Acquire);
         (until > self.nanos(now)).then(|| self.instant(until))
     }
 
-    /// Takes the next send time while the quota is spread out: the time to wait for,
-    /// if not now. (One atomic load when it is not.)
-    pub(crate) fn pace(&self) -> Option<Instant> {
+    /// Takes the next send time while the quota is spread out. (One atomic load when
+    /// it is not.)
+    pub(crate) fn pace(&self) -> Turn {
         if self.spacing.load(Ordering::Acquire) == 0 {
-            return None;
+            return Turn::Now;
         }
         self.pace_at(Instant::now())
     }
 
-    fn pace_at(&self, now: Instant) -> Option<Instant> {
+    fn pace_at(&self, now: Instant) -> Turn {
         let spacing = self.spacing.load(Ordering::Acquire);
         let now = self.nanos(now);
-        if spacing == 0 {
-            return None;
-        }
         let ends = self.spacing_ends.load(Ordering::Acquire);
-        if now >= ends {
-            return None;
+        if spacing == 0 || now >= ends {
+            return Turn::Now;
         }
         let mut due = 0;
         let taken = self
@@ -127,8 +143,9 @@ impl Pause {
                 (due < ends).then(|| due.saturating_add(spacing))
             });
         match taken {
-            Ok(_) => (due > now).then(|| self.instant(due)),
-            Err(_) => Some(self.instant(ends)),
+            Ok(_) if due > now => Turn::At(self.instant(due)),
+            Ok(_) => Turn::Now,
+            Err(_) => Turn::AfterReset(self.instant(ends)),
         }
     }
 
@@ -194,6 +211,42 @@ struct Quota {
     reset: Duration,
 }
 
+/// The `RateLimit` field: `limit=100, remaining=5, reset=30` (one policy, draft 7) or
+/// `"burst";r=0;t=1, "day";r=900;t=3600` (a list of policies, later drafts), of which
+/// the most pressing counts: the fewest remaining, then the latest reset.
+fn rate_limit_field(field: &str) -> Option<(u64, u64)> {
+    let number = |value: &str| value.trim().trim_matches('"').parse::<u64>().ok();
+    let mut policies: Vec<(Option<u64>, Option<u64>)> = Vec::new();
+    let mut bare = (None, None);
+    for item in field.split(',') {
+        let item = item.trim();
+        // A policy is a name followed by parameters; a bare `key=value` belongs to
+        // the one draft-7 policy.
+        let (pairs, found) = if item.starts_with('"') || item.contains(';') {
+            policies.push((None, None));
+            let last = policies.len() - 1;
+            (
+                item.split(';').skip(1).collect::<Vec<_>>(),
+                &mut policies[last],
+            )
+        } else {
+            (vec![item], &mut bare)
+        };
+        for pair in pairs {
+            match pair.trim().split_once('=') {
+                Some(("remaining" | "r", value)) => found.0 = number(value),
+                Some(("reset" | "t", value)) => found.1 = number(value),
+                _ => {}
+            }
+        }
+    }
+    policies.push(bare);
+    policies
+        .into_iter()
+        .filter_map(|(remaining, reset)| Some((remaining?, reset?)))
+        .min_by_key(|&(remaining, reset)| (remaining, std::cmp::Reverse(reset)))
+}
+
 impl Quota {
     /// Reads, in this order: the IETF draft's `RateLimit` field
     /// (`limit=100, remaining=5, reset=30` or, in later drafts, `"default";r=5;t=30`),
@@ -204,16 +257,7 @@ impl Quota {
         let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
         let number = |value: &str| value.trim().trim_matches('"').parse::<u64>().ok();
         let (remaining, reset) = if let Some(field) = text("ratelimit") {
-            let mut remaining = None;
-            let mut reset = None;
-            for param in field.split([',', ';']) {
-                match param.trim().split_once('=') {
-                    Some(("remaining" | "r", value)) => remaining = number(value),
-                    Some(("reset" | "t", value)) => reset = number(value),
-                    _ => {}
-                }
-            }
-            (remaining?, reset?)
+            rate_limit_field(field)?
         } else if let Some(remaining) = text("ratelimit-remaining") {
             (number(remaining)?, number(text("ratelimit-reset")?)?)
         } else {
@@ -221,8 +265,11 @@ impl Quota {
             (number(remaining)?, number(text("x-ratelimit-reset")?)?)
         };
         let reset = if reset >= UNIX_TIME_FROM {
-            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(reset);
-            at.duration_since(now).unwrap_or(Duration::ZERO)
+            // Past what a SystemTime holds is "not for a long time": capped by the caller.
+            match SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(reset)) {
+                Some(at) => at.duration_since(now).unwrap_or(Duration::ZERO),
+                None => Duration::MAX,
+            }
         } else {
             Duration::from_secs(reset)
         };
@@ -257,6 +304,13 @@ mod tests {
         assert_eq!(quota(&draft), secs(5, 30));
         let structured = [("ratelimit", "\"default\";r=7;t=12")];
         assert_eq!(quota(&structured), secs(7, 12));
+        let policies = [("ratelimit", "\"burst\";r=0;t=1, \"day\";r=900;t=3600")];
+        assert_eq!(quota(&policies), secs(0, 1), "the most pressing policy");
+        let huge = [
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "18446744073709551615"),
+        ];
+        assert_eq!(quota(&huge).unwrap().reset, Duration::MAX);
         let pair = [("ratelimit-remaining", "0"), ("ratelimit-reset", "9")];
         assert_eq!(quota(&pair), secs(0, 9));
         let github = [
@@ -324,19 +378,18 @@ mod tests {
         headers.insert("ratelimit-remaining", HeaderValue::from_static("4"));
         headers.insert("ratelimit-reset", HeaderValue::from_static("2"));
         pause.observe_quota(&headers, now, 10, Duration::from_secs(60));
-        let due: Vec<_> = (0..4)
-            .map(|_| pause.pace_at(now).map(|at| at - now))
-            .collect();
-        let ms = |n| Some(Duration::from_millis(n));
-        assert_eq!(due, [None, ms(500), ms(1000), ms(1500)]);
-        // Turns would now fall after the reset: wait for the reset instead.
-        assert_eq!(pause.pace_at(now).map(|at| at - now), ms(2000));
+        let due: Vec<_> = (0..4).map(|_| pause.pace_at(now)).collect();
+        let at = |n| Turn::At(now + Duration::from_millis(n));
+        assert_eq!(due, [Turn::Now, at(500), at(1000), at(1500)]);
+        // Turns would now fall after the reset: wait for it, then ask again.
+        let reset = now + Duration::from_secs(2);
+        assert_eq!(pause.pace_at(now), Turn::AfterReset(reset));
         // Past the reset, no more spacing.
-        assert_eq!(pause.pace_at(now + Duration::from_secs(2)), None);
+        assert_eq!(pause.pace_at(reset), Turn::Now);
         // Plenty left: no spacing.
         headers.insert("ratelimit-remaining", HeaderValue::from_static("50"));
         pause.observe_quota(&headers, now, 10, Duration::from_secs(60));
-        assert_eq!(pause.pace_at(now), None);
+        assert_eq!(pause.pace_at(now), Turn::Now);
         // None left: a pause until the reset, capped.
         headers.insert("ratelimit-remaining", HeaderValue::from_static("0"));
         headers.insert("ratelimit-reset", HeaderValue::from_static("3600"));

@@ -23,19 +23,20 @@ pub fn capacity_server(capacity: usize, base: Duration, per_extra: Duration) -> 
 pub fn quota_server(quota: u32, window: Duration, headers: bool) -> ChaosServer {
     let start = Instant::now();
     let used = Mutex::new((0u64, 0u32)); // (window number, requests in it)
-    ChaosServer::dynamic(move |arrival: &Arrival<'_>| {
-        let since = arrival.at.duration_since(start);
+    ChaosServer::dynamic(move |_: &Arrival<'_>| {
+        // The clock is read under the lock, so that two arrivals at a window's end
+        // count in the order of their times.
+        let mut used = used.lock().unwrap();
+        let since = start.elapsed();
         let number = (since.as_nanos() / window.as_nanos()) as u64;
         let ends = window * (number as u32 + 1);
         let reset = (ends - since).as_secs_f64().ceil().max(1.0) as u64;
-        let count = {
-            let mut used = used.lock().unwrap();
-            if used.0 != number {
-                *used = (number, 0);
-            }
-            used.1 += 1;
-            used.1
-        };
+        if used.0 != number {
+            *used = (number, 0);
+        }
+        used.1 += 1;
+        let count = used.1;
+        drop(used);
         let mut sent = Vec::new();
         if headers {
             let remaining = quota.saturating_sub(count);
