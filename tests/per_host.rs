@@ -230,7 +230,11 @@ async fn waiting_for_one_hosts_tokens_does_not_hold_up_the_other_host() {
         .allow_burst(std::num::NonZeroU32::new(1).unwrap());
     let fan: FanOut<u32, Item> = FanOut::builder()
         .detail_url_with(move |id: &u32| {
-            let addr = if id.is_multiple_of(10) { other_addr } else { busy_addr };
+            let addr = if id.is_multiple_of(10) {
+                other_addr
+            } else {
+                busy_addr
+            };
             Url::parse(&format!("http://{addr}/items/{id}"))
         })
         .concurrency(4)
