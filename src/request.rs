@@ -10,7 +10,6 @@ use url::Url;
 use crate::error::{Error, ErrorKind};
 use crate::fanout::Shared;
 use crate::limit::{Host, Pause, Signal, Slot, Turn};
-use crate::progress::Counters;
 use crate::redirect;
 use crate::retry::Scope;
 use crate::retry::{is_transient_status, retry_after};
@@ -79,18 +78,19 @@ impl Permit<'_> {
     }
 }
 
-/// Waits for what an attempt needs before it may be sent. First its host's part: the
-/// end of any pause the server asked for, then a slot under the host's own limit and a
-/// token from its own bucket (if set). Then a slot under the concurrency limit and a
-/// rate-limit token, in that order, so that no token is spent by a request that then
-/// queues for a slot. Last, if the server's quota is being spread out, its turn: it
-/// gives the slot back while it waits for it, and takes one again then.
+/// Waits for what an attempt needs before it may be sent: the end of any pause its
+/// host's server asked for; a slot under the host's own limit (if set); a slot under
+/// the concurrency limit; a token from the host's own bucket (if set) and from the rate
+/// limit (if set), taken while holding the slots so that no token is spent by a
+/// request that then queues for a slot; and last, if the server's quota is being spread
+/// out, its turn.
 ///
-/// Whatever it waits for its host for (a pause, the host's own slot or token, its
-/// turn), it holds no overall slot and is set aside, so that the engine may admit ids
-/// for other hosts meanwhile. At most as many attempts as the concurrency limit pass
-/// the turn check at once, so that no more than that many go out unspaced when a
-/// quota window begins.
+/// While it waits for its host (a pause, the host's own slot, a token from its bucket,
+/// its turn) it holds no overall slot and is set aside, so that the engine may admit
+/// ids for other hosts meanwhile: a host's token or turn that is not free yet sends it
+/// back to wait, without its slot, and take one again after. At most as many attempts
+/// as the concurrency limit pass the turn check at once, so that no more than that
+/// many go out unspaced when a quota window begins.
 pub(crate) async fn ready<'a>(
     shared: &'a Shared,
     host: &Host,
@@ -113,11 +113,28 @@ pub(crate) async fn ready<'a>(
         } else {
             None
         };
-        if shared.hosts.rate_limited() {
+        let mut slot = shared.slots.acquire().await?;
+        if let Some(wait) = shared.hosts.try_token(host) {
+            drop((slot, host_slot));
             let _waiting = progress.waiting_for_token();
-            Box::pin(scope.sleepers.aside(shared.hosts.token(host))).await;
+            let token = Box::pin(tokio::time::sleep(wait));
+            scope.sleepers.aside(token).await;
+            continue;
         }
-        let mut slot = overall_slot(shared, progress).await?;
+        if let Some(throttle) = &shared.throttle
+            && !throttle.try_take()
+        {
+            let _waiting = progress.waiting_for_token();
+            let started = std::time::Instant::now();
+            Box::pin(throttle.wait()).await;
+            let waited = started.elapsed();
+            if waited >= LONG_TOKEN_WAIT {
+                tracing::debug!(
+                    waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                    "waited for a rate-limit token",
+                );
+            }
+        }
         if host.pause.is_paused() {
             continue; // the server asked for a pause meanwhile: the slots go back
         }
@@ -147,26 +164,6 @@ pub(crate) async fn ready<'a>(
             _host_slot: host_slot,
         });
     }
-}
-
-/// A slot under the concurrency limit, then a token from the rate limit, if set.
-async fn overall_slot<'a>(shared: &'a Shared, progress: &Counters) -> Result<Slot<'a>, Error> {
-    let slot = shared.slots.acquire().await?;
-    if let Some(throttle) = &shared.throttle
-        && !throttle.try_take()
-    {
-        let _waiting = progress.waiting_for_token();
-        let started = std::time::Instant::now();
-        Box::pin(throttle.wait()).await;
-        let waited = started.elapsed();
-        if waited >= LONG_TOKEN_WAIT {
-            tracing::debug!(
-                waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-                "waited for a rate-limit token",
-            );
-        }
-    }
-    Ok(slot)
 }
 
 /// Heeds what a response says about the server's load: `Retry-After` on a 429 or 503

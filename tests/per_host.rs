@@ -257,3 +257,25 @@ async fn waiting_for_one_hosts_tokens_does_not_hold_up_the_other_host() {
     assert!(took >= Duration::from_millis(1700), "{took:?}");
     assert!(other_done * 2 < took, "{other_done:?} of {took:?}");
 }
+
+/// A per-host rate holds when the server is slower than the spacing and attempts queue
+/// for slots: a token is taken only with a slot in hand, so they do not go out in a
+/// burst when slots free up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_host_rate_holds_while_attempts_queue_for_slots() {
+    let server = ChaosServer::always(Fault::Slow(Duration::from_millis(300)));
+    let quota = fanout::Quota::per_second(std::num::NonZeroU32::new(10).unwrap())
+        .allow_burst(std::num::NonZeroU32::new(1).unwrap());
+    let fan: FanOut<u32, Item> = FanOut::builder()
+        .detail_url(&server.template())
+        .concurrency(2)
+        .per_host_rate_limit(quota)
+        .build()
+        .unwrap();
+    let all = fan.fan_out(0..12).try_collect_ordered().await.unwrap();
+    assert_eq!(all.len(), 12);
+    let times: Vec<Instant> = server.visits().iter().map(|visit| visit.at).collect();
+    let closest = times.windows(2).map(|pair| pair[1] - pair[0]).min().unwrap();
+    println!("closest two requests: {closest:?}");
+    assert!(closest >= Duration::from_millis(90), "{closest:?} apart");
+}

@@ -21,8 +21,9 @@ const SLOW_START_GROWTH: f64 = 1.25;
 const BASELINE_SAMPLES: usize = 32;
 /// The most answers a round waits for, whatever the limit.
 const ROUND_CAP: usize = 256;
-/// After this many overloaded rounds in a row that cutting did not cure, the latency is
-/// the server's new normal (it got slower for reasons of its own), not our load.
+/// After this many overloaded rounds in a row that cutting did not cure (or at the
+/// floor, where it cannot be cut), the latency is the server's new normal (it got
+/// slower for reasons of its own), not our load.
 const REBASE_AFTER: u32 = 10;
 /// Good rounds waited for before trying again a limit that was too high: at first, and
 /// at most, as the wait doubles with each failed try.
@@ -51,8 +52,11 @@ pub(crate) struct Controller {
     baseline: Option<Duration>,
     /// Answers of good rounds, until there are enough for a median.
     pool: Vec<Duration>,
-    /// Overloaded rounds in a row.
+    /// Overloaded rounds in a row, and their answers: if cutting does not cure them,
+    /// or the limit is at its floor, after [`REBASE_AFTER`] rounds their median is the
+    /// new baseline. (Not sooner: one slow answer at a floor of 1 is a whole round.)
     slow_rounds: u32,
+    slow_pool: Vec<Duration>,
     /// The limit before the last round's growth, if the last round grew it: where to
     /// go back to if the growth overloads the server.
     before_growth: Option<f64>,
@@ -83,6 +87,7 @@ impl Controller {
             baseline: None,
             pool: Vec::new(),
             slow_rounds: 0,
+            slow_pool: Vec::new(),
             before_growth: None,
             ceiling: None,
             patience: 0,
@@ -145,8 +150,7 @@ impl Controller {
         let allowed = self.size / SLOW_ALLOWED_PER;
         let at_floor = self.limit <= self.min;
         if self.baseline.is_some() && self.slow > allowed && !at_floor {
-            let median = median(&mut self.latencies);
-            return Some(self.slow_round(issued, from, median));
+            return Some(self.slow_round(issued, from));
         }
         if self.reported < self.size {
             return None;
@@ -154,15 +158,14 @@ impl Controller {
         if self.latencies.is_empty() {
             return Some(self.next_round(issued, from, "nothing learned"));
         }
-        if let Some(baseline) = self.baseline
-            && self.slow > allowed
-        {
-            let median = median(&mut self.latencies);
-            if median.as_secs_f64() > TOLERANCE * baseline.as_secs_f64() {
-                // Slow at the floor: not our doing.
-                return Some(self.new_baseline(issued, from, median));
+        if self.baseline.is_some() && self.slow > allowed {
+            // Slow at the floor: not our doing, if it lasts.
+            self.slow_rounds += 1;
+            self.slow_pool.append(&mut self.latencies);
+            if self.slow_rounds >= REBASE_AFTER {
+                return Some(self.new_baseline(issued, from));
             }
-            return Some(self.next_round(issued, from, "steady"));
+            return Some(self.next_round(issued, from, "slow at the floor"));
         }
         self.pool.append(&mut self.latencies);
         if self.pool.len() >= BASELINE_SAMPLES {
@@ -177,11 +180,12 @@ impl Controller {
     }
 
     /// A round with too many slow answers.
-    fn slow_round(&mut self, issued: u64, from: usize, median: Duration) -> Option<Change> {
+    fn slow_round(&mut self, issued: u64, from: usize) -> Option<Change> {
         self.slow_rounds += 1;
+        self.slow_pool.append(&mut self.latencies);
         if self.slow_rounds >= REBASE_AFTER {
             // Slow for long whatever we did: not our doing.
-            return self.new_baseline(issued, from, median);
+            return self.new_baseline(issued, from);
         }
         match self.before_growth {
             // The last growth overloaded the server: back to where it was, and wait
@@ -198,10 +202,14 @@ impl Controller {
         self.next_round(issued, from, "latency rose with our load")
     }
 
-    /// The server is slow on its own: `median` is its latency now.
-    fn new_baseline(&mut self, issued: u64, from: usize, median: Duration) -> Option<Change> {
-        self.baseline = Some(median);
+    /// The server is slow on its own: the median of the slow rounds' answers is its
+    /// latency now.
+    fn new_baseline(&mut self, issued: u64, from: usize) -> Option<Change> {
+        if !self.slow_pool.is_empty() {
+            self.baseline = Some(median(&mut self.slow_pool));
+        }
         self.pool.clear();
+        self.slow_pool.clear();
         self.slow_rounds = 0;
         self.next_round(
             issued,
@@ -214,6 +222,7 @@ impl Controller {
     /// `peak`) and not held back below a ceiling.
     fn good_round(&mut self, issued: u64, from: usize, peak: usize) -> Option<Change> {
         self.slow_rounds = 0;
+        self.slow_pool.clear();
         if self.ceiling.is_some_and(|ceiling| from >= ceiling) {
             // Tried again, and fine now; the next failure waits less long.
             self.ceiling = None;
@@ -392,36 +401,28 @@ mod tests {
         f.c.baseline = Some(10 * MS);
         assert_eq!(f.round(10 * MS), 3);
         assert_eq!(f.round(100 * MS), 2, "the growth went too far");
-        // Still slow at the floor: not our load. It may grow again (after four good
-        // rounds below the limit that was too many before).
+        // Still slow at the floor, round after round: not our load. After ten slow
+        // rounds in a row it is the new baseline.
+        let mut rounds = 0;
+        while f.c.baseline == Some(10 * MS) {
+            assert_eq!(f.round(100 * MS), 2);
+            rounds += 1;
+        }
+        assert_eq!((rounds, f.c.baseline), (9, Some(100 * MS)));
+        // It may grow again: the fourth good round below the limit that was too many
+        // tries that limit again, and then on.
         let rounds: Vec<_> = (0..5).map(|_| f.round(100 * MS)).collect();
-        assert_eq!(rounds, [2, 2, 2, 2, 3]);
+        assert_eq!(rounds, [2, 2, 2, 3, 4]);
     }
 
     #[test]
-    fn the_baseline_is_the_lowest_median_of_enough_answers() {
-        let mut c = Controller::new(8, 8);
-        let mut ticket = 0;
-        let mut round = |c: &mut Controller, latencies: &[u32]| {
-            for &ms in latencies {
-                c.observe(ticket, ms * MS, Signal::Answered, 8, (ticket / 8 + 1) * 8);
-                ticket += 1;
-            }
-        };
-        // Four rounds of 8 varied answers: one median of 32, not the fastest answer.
-        for _ in 0..4 {
-            round(&mut c, &[20, 30, 40, 50, 60, 45, 35, 25]);
-        }
-        assert_eq!(c.baseline, Some(40 * MS));
-        // A slower stretch does not raise it; a faster one lowers it.
-        for _ in 0..4 {
-            round(&mut c, &[60, 70, 80, 70, 60, 70, 80, 70]);
-        }
-        assert_eq!(c.baseline, Some(40 * MS));
-        for _ in 0..4 {
-            round(&mut c, &[30, 30, 30, 30, 30, 30, 30, 30]);
-        }
-        assert_eq!(c.baseline, Some(30 * MS));
+    fn one_slow_answer_at_a_floor_of_one_is_not_the_new_baseline() {
+        let mut f = Feed::new(1, 100);
+        f.c.baseline = Some(50 * MS);
+        f.c.slow_start = false;
+        assert_eq!(f.round(500 * MS), 1);
+        assert_eq!(f.c.baseline, Some(50 * MS));
+        assert_eq!(f.round(50 * MS), 2, "a good round grows it again");
     }
 
     #[test]
@@ -432,9 +433,10 @@ mod tests {
             c.observe(ticket as u64, ms * MS, Signal::Answered, 4, 4);
         }
         assert_eq!((c.limit(), c.baseline), (4, Some(50 * MS)));
-        // A whole round slow at the floor is the server's doing: a new baseline.
-        for ticket in 4..8 {
-            c.observe(ticket, 300 * MS, Signal::Answered, 4, 8);
+        // Slow rounds at the floor, ten in a row (that one and nine more), are the
+        // server's doing.
+        for ticket in 4..40 {
+            c.observe(ticket, 300 * MS, Signal::Answered, 4, ticket / 4 * 4 + 4);
         }
         assert_eq!((c.limit(), c.baseline), (4, Some(300 * MS)));
     }

@@ -11,6 +11,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use governor::Quota;
+use governor::clock::Clock;
+use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use url::Url;
@@ -160,18 +162,14 @@ impl Hosts {
         HostRef::Other(host)
     }
 
-    /// Waits for a token from `host`'s own bucket, if there is a per-host rate.
-    pub(crate) async fn token(&self, host: &Host) {
-        if let Some(limiter) = &self.per_host_rate
-            && limiter.check_key(&host.key).is_err()
-        {
-            limiter.until_key_ready(&host.key).await;
+    /// Takes a token from `host`'s own bucket if one is free now; if not, how long
+    /// until one is. `None` also when there is no per-host rate.
+    pub(crate) fn try_token(&self, host: &Host) -> Option<Duration> {
+        let limiter = self.per_host_rate.as_ref()?;
+        match limiter.check_key(&host.key) {
+            Ok(()) => None,
+            Err(not_until) => Some(not_until.wait_time_from(limiter.clock().now())),
         }
-    }
-
-    /// Whether a per-host rate is set.
-    pub(crate) fn rate_limited(&self) -> bool {
-        self.per_host_rate.is_some()
     }
 
     /// How many origins are remembered besides the detail template's.

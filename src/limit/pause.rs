@@ -39,6 +39,15 @@ struct Window {
     by: Instant,
 }
 
+/// About thirty years from now, or as far as an `Instant` goes.
+fn far_future() -> Instant {
+    let now = Instant::now();
+    (0..=30)
+        .rev()
+        .find_map(|years| now.checked_add(Duration::from_secs(years * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 /// When an attempt may be sent, as the quota is spread out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Turn {
@@ -72,9 +81,11 @@ impl Pause {
     }
 
     fn instant(&self, nanos: u64) -> Instant {
+        // Past what an Instant holds: as far ahead as it goes, never the past (which
+        // would make a wait return at once, over and over).
         self.epoch
             .checked_add(Duration::from_nanos(nanos))
-            .unwrap_or(self.epoch)
+            .unwrap_or_else(far_future)
     }
 
     /// Holds back every request until `now + wait`, or longer if already asked.
@@ -163,11 +174,12 @@ impl Pause {
             return;
         };
         let reset = self
-            .window_end(now, quota.reset)
+            .window_end(now, quota.reset.min(longest))
             .saturating_duration_since(now);
-        let reset = reset.min(longest);
         if quota.remaining == 0 {
-            self.pause(now, reset);
+            // None left and a reset of 0 (a server that rounds down, or a clock ahead
+            // of the server's): a second, rather than asking again at once.
+            self.pause(now, reset.max(Duration::from_secs(1)).min(longest));
         } else if quota.remaining <= low {
             let spacing = reset / u32::try_from(quota.remaining).unwrap_or(u32::MAX);
             let ends = now.checked_add(reset).map_or(u64::MAX, |at| self.nanos(at));
@@ -213,26 +225,26 @@ struct Quota {
 
 /// The `RateLimit` field: `limit=100, remaining=5, reset=30` (one policy, draft 7) or
 /// `"burst";r=0;t=1, "day";r=900;t=3600` (a list of policies, later drafts), of which
-/// the most pressing counts: the fewest remaining, then the latest reset.
+/// the most pressing counts: one with nothing left (the longest wait), else the one
+/// that leaves the longest time per remaining request.
 fn rate_limit_field(field: &str) -> Option<(u64, u64)> {
     let number = |value: &str| value.trim().trim_matches('"').parse::<u64>().ok();
     let mut policies: Vec<(Option<u64>, Option<u64>)> = Vec::new();
     let mut bare = (None, None);
     for item in field.split(',') {
         let item = item.trim();
-        // A policy is a name followed by parameters; a bare `key=value` belongs to
-        // the one draft-7 policy.
-        let (pairs, found) = if item.starts_with('"') || item.contains(';') {
+        let parts: Vec<&str> = item.split(';').collect();
+        // A named policy (`"day";r=…;t=…`) has its name first; a part with `=` is a
+        // parameter, of a named policy or of the one draft-7 policy.
+        let named = parts.first().is_some_and(|first| !first.contains('='));
+        let found = if named {
             policies.push((None, None));
             let last = policies.len() - 1;
-            (
-                item.split(';').skip(1).collect::<Vec<_>>(),
-                &mut policies[last],
-            )
+            &mut policies[last]
         } else {
-            (vec![item], &mut bare)
+            &mut bare
         };
-        for pair in pairs {
+        for pair in parts.iter().skip(usize::from(named)) {
             match pair.trim().split_once('=') {
                 Some(("remaining" | "r", value)) => found.0 = number(value),
                 Some(("reset" | "t", value)) => found.1 = number(value),
@@ -241,10 +253,15 @@ fn rate_limit_field(field: &str) -> Option<(u64, u64)> {
         }
     }
     policies.push(bare);
+    let pressing = |&(remaining, reset): &(u64, u64)| {
+        // Seconds per remaining request, in thousandths; nothing left beats all.
+        let per_request = reset.saturating_mul(1000) / remaining.max(1);
+        (remaining == 0, per_request, reset)
+    };
     policies
         .into_iter()
         .filter_map(|(remaining, reset)| Some((remaining?, reset?)))
-        .min_by_key(|&(remaining, reset)| (remaining, std::cmp::Reverse(reset)))
+        .max_by_key(pressing)
 }
 
 impl Quota {
@@ -305,12 +322,40 @@ mod tests {
         let structured = [("ratelimit", "\"default\";r=7;t=12")];
         assert_eq!(quota(&structured), secs(7, 12));
         let policies = [("ratelimit", "\"burst\";r=0;t=1, \"day\";r=900;t=3600")];
-        assert_eq!(quota(&policies), secs(0, 1), "the most pressing policy");
+        assert_eq!(quota(&policies), secs(0, 1), "nothing left");
+        let policies = [("ratelimit", "\"second\";r=10;t=1, \"hour\";r=50;t=3600")];
+        assert_eq!(
+            quota(&policies),
+            secs(50, 3600),
+            "72 s a request beats 0.1 s"
+        );
+        let semicolons = [("ratelimit", "remaining=5;reset=30;limit=100")];
+        assert_eq!(quota(&semicolons), secs(5, 30));
         let huge = [
             ("x-ratelimit-remaining", "0"),
             ("x-ratelimit-reset", "18446744073709551615"),
         ];
         assert_eq!(quota(&huge).unwrap().reset, Duration::MAX);
+        // Nothing left until the end of time: a pause as long as allowed.
+        let now = Instant::now();
+        let pause = Pause::new(now);
+        let mut headers = HeaderMap::new();
+        for (name, value) in huge {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        pause.observe_quota(&headers, now, 10, Duration::from_secs(60));
+        assert_eq!(
+            pause.paused_until_at(now).unwrap() - now,
+            Duration::from_secs(60)
+        );
+        // Nothing left and a reset of 0: a second.
+        let pause = Pause::new(now);
+        headers.insert("x-ratelimit-reset", HeaderValue::from_static("0"));
+        pause.observe_quota(&headers, now, 10, Duration::from_secs(60));
+        assert_eq!(
+            pause.paused_until_at(now).unwrap() - now,
+            Duration::from_secs(1)
+        );
         let pair = [("ratelimit-remaining", "0"), ("ratelimit-reset", "9")];
         assert_eq!(quota(&pair), secs(0, 9));
         let github = [
