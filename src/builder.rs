@@ -296,13 +296,14 @@ impl<Id, T> FanOutBuilder<Id, T> {
 
     /// Whether to read the server's rate-limit headers and slow down before its quota
     /// runs out. Read are the IETF draft's `RateLimit` field (`remaining=…, reset=…`,
-    /// or `r=…;t=…`), its older `RateLimit-Remaining` and `RateLimit-Reset` pair, and
-    /// the common `X-RateLimit-Remaining` and `X-RateLimit-Reset` pair (the reset in
-    /// seconds from now, or as a Unix time).
+    /// or `r=…;t=…` per policy, of which the most pressing counts), its older
+    /// `RateLimit-Remaining` and `RateLimit-Reset` pair, and the common
+    /// `X-RateLimit-Remaining` and `X-RateLimit-Reset` pair (the reset in seconds from
+    /// now, or as a Unix time).
     ///
     /// While fewer requests remain than two rounds of the concurrency limit, sends are
     /// spread evenly until the reset; with none left, every request to that server
-    /// waits for the reset (at most
+    /// waits for the reset (at least a second, at most
     /// [`max_retry_after`](crate::RetryPolicy::max_retry_after)). Answers arriving out
     /// of order may say more remain than do; the spacing is a courtesy, and a
     /// [`rate_limit`](Self::rate_limit) is still the way to a hard bound.

@@ -275,7 +275,11 @@ async fn a_per_host_rate_holds_while_attempts_queue_for_slots() {
     let all = fan.fan_out(0..12).try_collect_ordered().await.unwrap();
     assert_eq!(all.len(), 12);
     let times: Vec<Instant> = server.visits().iter().map(|visit| visit.at).collect();
-    let closest = times.windows(2).map(|pair| pair[1] - pair[0]).min().unwrap();
+    let closest = times
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .min()
+        .unwrap();
     println!("closest two requests: {closest:?}");
     assert!(closest >= Duration::from_millis(90), "{closest:?} apart");
 }
