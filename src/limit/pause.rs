@@ -178,8 +178,14 @@ impl Pause {
             .saturating_duration_since(now);
         if quota.remaining == 0 {
             // None left and a reset of 0 (a server that rounds down, or a clock ahead
-            // of the server's): a second, rather than asking again at once.
-            self.pause(now, reset.max(Duration::from_secs(1)).min(longest));
+            // of the server's): a second, rather than asking again at once. (Only then:
+            // a window narrowed down to end in less than a second does.)
+            let reset = if quota.reset.is_zero() {
+                Duration::from_secs(1).min(longest)
+            } else {
+                reset
+            };
+            self.pause(now, reset);
         } else if quota.remaining <= low {
             let spacing = reset / u32::try_from(quota.remaining).unwrap_or(u32::MAX);
             let ends = now.checked_add(reset).map_or(u64::MAX, |at| self.nanos(at));
@@ -347,6 +353,20 @@ mod tests {
         assert_eq!(
             pause.paused_until_at(now).unwrap() - now,
             Duration::from_secs(60)
+        );
+        // Nothing left half a second before a narrowed-down reset: half a second.
+        let pause = Pause::new(now);
+        let mut pair = HeaderMap::new();
+        pair.insert("ratelimit-remaining", HeaderValue::from_static("3"));
+        pair.insert("ratelimit-reset", HeaderValue::from_static("2"));
+        pause.observe_quota(&pair, now, 0, Duration::from_secs(60));
+        pair.insert("ratelimit-remaining", HeaderValue::from_static("0"));
+        pair.insert("ratelimit-reset", HeaderValue::from_static("1"));
+        let later = now + Duration::from_millis(1500);
+        pause.observe_quota(&pair, later, 0, Duration::from_secs(60));
+        assert_eq!(
+            pause.paused_until_at(later).unwrap() - later,
+            Duration::from_millis(500)
         );
         // Nothing left and a reset of 0: a second.
         let pause = Pause::new(now);
