@@ -57,9 +57,10 @@
 //!
 //! # How a request runs
 //!
-//! For each attempt at an id: wait out any pause its server asked for → take a
-//! concurrency slot (and its host's, if limited per host) → wait for a rate-limit token
-//! (if a rate is set) → send, with the configured headers, query and per-attempt
+//! For each attempt at an id: wait out any pause its server asked for → take its
+//! host's slot (if limited per host), then a concurrency slot → take its host's token
+//! and a rate-limit token (if rates are set) → wait its turn (if the server's quota is
+//! being spread out) → send, with the configured headers, query and per-attempt
 //! timeout → read the body, stopping at the size cap → decode the JSON into `T` →
 //! release the slot. Non-2xx answers, transport failures, oversized bodies and
 //! undecodable JSON each become an [`Error`] of their own [`ErrorKind`].

@@ -171,8 +171,8 @@ pub(crate) async fn ready<'a>(
 /// out or hold back the rest of the quota. Neither waits longer than
 /// `max_retry_after`.
 fn heed(shared: &Shared, gate: &Pause, status: StatusCode, headers: &HeaderMap) {
+    // The clock is read only for an answer that asks for something: most do not.
     let longest = shared.retry.retry_after_limit();
-    let now = tokio::time::Instant::now();
     if shared.pause_on_retry_after
         && matches!(
             status,
@@ -180,12 +180,12 @@ fn heed(shared: &Shared, gate: &Pause, status: StatusCode, headers: &HeaderMap) 
         )
         && let Some(wait) = retry_after(headers, std::time::SystemTime::now())
     {
-        gate.pause(now, wait.min(longest));
+        gate.pause(tokio::time::Instant::now(), wait.min(longest));
     }
     if shared.respect_rate_limit_headers {
         // Spread out once what is left would not cover two full rounds of requests.
         let low = u64::try_from(shared.slots.limit().saturating_mul(2)).unwrap_or(u64::MAX);
-        gate.observe_quota(headers, now, low, longest);
+        gate.observe_quota(headers, tokio::time::Instant::now(), low, longest);
     }
 }
 
