@@ -53,7 +53,8 @@ impl Sleepers {
 
     /// Runs `future` counted as holding no slot, so that the engine may admit another
     /// id meanwhile: for an id waiting for its host (a pause its server asked for, the
-    /// host's own concurrency limit) while other hosts could take requests.
+    /// host's own slot or token, its turn as a quota is spread out) while other hosts
+    /// could take requests.
     pub(crate) async fn aside<F: Future>(&self, future: F) -> F::Output {
         self.count.fetch_add(1, Ordering::SeqCst);
         self.aside.fetch_add(1, Ordering::SeqCst);
