@@ -19,7 +19,7 @@ use crate::event::{Event, OnEvent};
 use crate::fanout::{FanOut, Shared};
 use crate::limit::{Concurrency, Hosts, Slots};
 use crate::list::{ListSettings, Pagination};
-use crate::rate::{RateLimiter, Throttle};
+use crate::rate::{RateLimit, RateLimiter, Throttle};
 use crate::redirect;
 use crate::retry::RetryPolicy;
 use crate::template::{UrlTemplate, redact_userinfo};
@@ -390,12 +390,17 @@ impl<Id, T> FanOutBuilder<Id, T> {
         self
     }
 
-    /// Takes tokens from this limiter, which other `FanOut`s (say, other endpoints of
-    /// the same API) may share: together they stay within its quota.
+    /// Takes tokens from this limiter, which others may share: other `FanOut`s (say,
+    /// other endpoints of the same API) with a [`RateLimiter`], or other processes with
+    /// a `fanout::redis::RedisRateLimiter`. Together they stay within its quota.
+    ///
+    /// Any [`RateLimit`] will do. Attempts waiting for governor's [`RateLimiter`]
+    /// queue in front of it, so that only the first of them sleeps on it; any other
+    /// limiter is asked by each attempt on its own.
     ///
     /// Replaces an earlier rate setting. Default: no rate limit.
-    pub fn rate_limiter(mut self, limiter: Arc<RateLimiter>) -> Self {
-        self.rate = Some(Rate::Shared(limiter));
+    pub fn rate_limiter<L: RateLimit>(mut self, limiter: Arc<L>) -> Self {
+        self.rate = Some(Rate::Shared(Throttle::new(limiter)));
         self
     }
 
@@ -631,7 +636,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
             ));
         }
         self.retry.validate()?;
-        let limiter = match self.rate {
+        let throttle = match self.rate {
             None => None,
             Some(Rate::PerSecond(rate)) => {
                 let Some(rate) = NonZeroU32::new(rate) else {
@@ -639,10 +644,11 @@ impl<Id, T> FanOutBuilder<Id, T> {
                         "requests_per_second must be at least 1; leave it unset for no limit",
                     ));
                 };
-                Some(Arc::new(RateLimiter::direct(Quota::per_second(rate))))
+                let quota = Quota::per_second(rate);
+                Some(Throttle::new(Arc::new(RateLimiter::direct(quota))))
             }
-            Some(Rate::Quota(quota)) => Some(Arc::new(RateLimiter::direct(quota))),
-            Some(Rate::Shared(limiter)) => Some(limiter),
+            Some(Rate::Quota(quota)) => Some(Throttle::new(Arc::new(RateLimiter::direct(quota)))),
+            Some(Rate::Shared(throttle)) => Some(throttle),
         };
         if self.max_body_bytes == 0 {
             return Err(config("max_body_bytes must be at least 1"));
@@ -713,7 +719,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
             timeout: self.timeout,
             deadline: self.deadline,
             retry: self.retry,
-            throttle: limiter.map(Throttle::new),
+            throttle,
             max_body_bytes: self.max_body_bytes,
             concurrency: self.concurrency,
             reorder_window,
@@ -796,7 +802,7 @@ impl fmt::Debug for Detail {
 enum Rate {
     PerSecond(u32),
     Quota(Quota),
-    Shared(Arc<RateLimiter>),
+    Shared(Throttle),
 }
 
 impl fmt::Debug for Rate {
@@ -804,7 +810,7 @@ impl fmt::Debug for Rate {
         match self {
             Rate::PerSecond(rate) => write!(f, "{rate} per second"),
             Rate::Quota(quota) => fmt::Debug::fmt(quota, f),
-            Rate::Shared(_) => f.write_str("shared limiter"),
+            Rate::Shared(throttle) => write!(f, "shared limiter: {throttle:?}"),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use reqwest::StatusCode;
 use url::Url;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+use crate::rate::BoxError;
 
 /// How many bytes of a response body an error keeps, for the message.
 const SNIPPET_BYTES: usize = 256;
@@ -88,6 +88,15 @@ pub enum ErrorKind {
     /// The batch was polled outside a Tokio runtime, or the runtime shut down while
     /// the request was running.
     Runtime,
+    /// A rate limiter outside this process (a [`RateLimit`](crate::RateLimit) such as
+    /// the shared one on Redis) could not hand out a token, so the attempt was not
+    /// sent. Retried as a transient failure.
+    RateLimiter,
+    /// The work queue's store (Redis) could not be read or written.
+    Queue,
+    /// The caller's sink refused an outcome; the id was not acknowledged, so it will
+    /// be delivered again.
+    Sink,
 }
 
 impl ErrorKind {
@@ -107,6 +116,9 @@ impl ErrorKind {
             ErrorKind::Pagination => "cannot follow the list's pages",
             ErrorKind::Panic => "request task panicked",
             ErrorKind::Runtime => "no Tokio runtime",
+            ErrorKind::RateLimiter => "rate limiter unavailable",
+            ErrorKind::Queue => "work queue unavailable",
+            ErrorKind::Sink => "the sink refused an outcome",
         }
     }
 }

@@ -77,8 +77,8 @@ impl<Id, T> FanOut<Id, T> {
         FanOutBuilder::new()
     }
 
-    /// The settings every batch reads, for tests that look inside.
-    #[cfg(test)]
+    /// The settings every batch reads.
+    #[cfg(any(test, feature = "redis"))]
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }

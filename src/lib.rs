@@ -156,8 +156,13 @@ mod rate;
 mod redirect;
 mod request;
 mod retry;
+mod shard;
 mod stats;
 mod template;
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 
 pub use crate::batch::{AsCompleted, Batch, InOrder, TryAsCompleted, TryInOrder};
 pub use crate::builder::FanOutBuilder;
@@ -167,8 +172,9 @@ pub use crate::fanout::FanOut;
 pub use crate::limit::Concurrency;
 pub use crate::list::Pagination;
 pub use crate::progress::{Progress, Snapshot};
-pub use crate::rate::RateLimiter;
+pub use crate::rate::{Acquire, BoxError, RateLimit, RateLimiter};
 pub use crate::retry::{FailedAttempt, RetryPolicy};
+pub use crate::shard::{Shard, shard};
 pub use crate::stats::{Cause, Latency, RunStats};
 
 /// A rate limit: so many requests per period, with a burst allowance. This is

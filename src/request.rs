@@ -126,7 +126,7 @@ pub(crate) async fn ready<'a>(
         {
             let _waiting = progress.waiting_for_token();
             let started = std::time::Instant::now();
-            Box::pin(throttle.wait()).await;
+            Box::pin(throttle.wait()).await?;
             let waited = started.elapsed();
             if waited >= LONG_TOKEN_WAIT {
                 tracing::debug!(

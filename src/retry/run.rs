@@ -101,53 +101,62 @@ fn attempts<T>(
         // The previous attempt's failure, for the message if the deadline ends the id.
         let mut last: Option<Error> = None;
 
-        let outcome = loop {
-            let slot = match deadline {
-                None => ready(shared, &host, &scope).await,
-                // Boxed: only ids with a deadline need room for its timer here.
-                Some(at) => match timeout_at(at, Box::pin(ready(shared, &host, &scope))).await {
-                    Ok(slot) => slot,
-                    Err(_) => {
-                        let when = format!(
-                            "passed while attempt {} waited for a slot or a rate-limit token",
-                            made + 1
-                        );
-                        break Err(past_deadline(shared, url, made, &when, last));
-                    }
-                },
-            };
-            let slot = match slot {
-                Ok(slot) => slot,
-                Err(err) => break Err(err),
-            };
-            made = made.saturating_add(1);
-            if let (Some(on_event), Some(id)) = (&shared.on_event, &id) {
-                on_event.call(&Event::Started { id, attempt: made });
-            }
-            let on_the_wire = progress.sending();
-            let now = Instant::now();
-            let first = *first_sent.get_or_insert(now);
-            if deadline.is_none() {
-                // A deadline too far ahead to represent is no deadline.
-                deadline = shared.deadline.and_then(|limit| first.checked_add(limit));
-            }
-            // The attempt ends at its timeout or the id's deadline, whichever is first.
-            // A limit too far ahead to represent is no limit.
-            let attempt_end = now.checked_add(shared.timeout);
-            let end = match (attempt_end, deadline) {
-                (Some(attempt_end), Some(deadline)) => Some(attempt_end.min(deadline)),
-                (attempt_end, deadline) => attempt_end.or(deadline),
-            };
-            // Boxed: the attempt is most of an id's state, and both halves are then
-            // small enough for the allocator's per-thread cache, which one large box
-            // is not.
-            let sending = Box::pin(
-                send(shared, &host.pause, url.clone())
-                    .instrument(tracing::debug_span!("fanout.attempt", n = made)),
-            );
+        let outcome = 'id: loop {
             // In a block of its own, so that the attempt's result takes no room in the
             // future while it sleeps before the next attempt.
-            let failure = {
+            let failure = 'attempt: {
+                let slot = match deadline {
+                    None => ready(shared, &host, &scope).await,
+                    // Boxed: only ids with a deadline need room for its timer here.
+                    Some(at) => {
+                        match timeout_at(at, Box::pin(ready(shared, &host, &scope))).await {
+                            Ok(slot) => slot,
+                            Err(_) => {
+                                let when = format!(
+                                    "passed while attempt {} waited for a slot or a rate-limit token",
+                                    made + 1
+                                );
+                                break 'id Err(past_deadline(shared, url, made, &when, last));
+                            }
+                        }
+                    }
+                };
+                let slot = match slot {
+                    Ok(slot) => slot,
+                    // A shared rate limiter out of reach: the attempt fails unsent, and is
+                    // retried as a transient failure.
+                    Err(err) if err.kind() == ErrorKind::RateLimiter => {
+                        made = made.saturating_add(1);
+                        first_sent.get_or_insert_with(Instant::now);
+                        break 'attempt Failure::new(err.with_url(url.clone()), true);
+                    }
+                    Err(err) => break 'id Err(err),
+                };
+                made = made.saturating_add(1);
+                if let (Some(on_event), Some(id)) = (&shared.on_event, &id) {
+                    on_event.call(&Event::Started { id, attempt: made });
+                }
+                let on_the_wire = progress.sending();
+                let now = Instant::now();
+                let first = *first_sent.get_or_insert(now);
+                if deadline.is_none() {
+                    // A deadline too far ahead to represent is no deadline.
+                    deadline = shared.deadline.and_then(|limit| first.checked_add(limit));
+                }
+                // The attempt ends at its timeout or the id's deadline, whichever is first.
+                // A limit too far ahead to represent is no limit.
+                let attempt_end = now.checked_add(shared.timeout);
+                let end = match (attempt_end, deadline) {
+                    (Some(attempt_end), Some(deadline)) => Some(attempt_end.min(deadline)),
+                    (attempt_end, deadline) => attempt_end.or(deadline),
+                };
+                // Boxed: the attempt is most of an id's state, and both halves are then
+                // small enough for the allocator's per-thread cache, which one large box
+                // is not.
+                let sending = Box::pin(
+                    send(shared, &host.pause, url.clone())
+                        .instrument(tracing::debug_span!("fanout.attempt", n = made)),
+                );
                 let result = match end {
                     None => sending.await,
                     Some(at) => match sleepers.within(at, sending).await {
@@ -155,7 +164,7 @@ fn attempts<T>(
                         Err(_) if deadline.is_some_and(|deadline| deadline <= at) => {
                             progress.attempt_took(now.elapsed());
                             let when = format!("passed during attempt {made}");
-                            break Err(past_deadline(shared, url, made, &when, last));
+                            break 'id Err(past_deadline(shared, url, made, &when, last));
                         }
                         Err(_) => Err(timed_out(shared, &url)),
                     },
@@ -173,14 +182,15 @@ fn attempts<T>(
                 drop(on_the_wire);
                 progress.attempt_took(took);
                 match result {
-                    Ok(value) => break Ok(value),
+                    Ok(value) => break 'id Ok(value),
                     Err(failure) => failure,
                 }
             };
+            let first = first_sent.unwrap_or_else(Instant::now);
             let (error, resume, delay) =
                 match plan_retry(shared, failure, made, first, deadline, &mut delays, &url) {
                     Ok(retry) => retry,
-                    Err(error) => break Err(error),
+                    Err(error) => break 'id Err(error),
                 };
             tracing::debug!(
                 id = id.as_deref(),

@@ -7,6 +7,8 @@
 
 pub mod chaos;
 pub mod load;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

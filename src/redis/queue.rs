@@ -1,0 +1,923 @@
+//! A crash-safe queue of ids on a Redis stream, read by any number of workers.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamPendingReply, StreamRangeReply,
+    StreamReadOptions, StreamReadReply,
+};
+use ::redis::{AsyncCommands, Client, RedisError, Script};
+use futures::{FutureExt, Stream, StreamExt};
+use serde::de::DeserializeOwned;
+
+use crate::FanOut;
+use crate::error::{Error, ErrorKind};
+use crate::rate::BoxError;
+
+/// The field of a stream entry that holds the id.
+const ID_FIELD: &str = "id";
+
+/// How many ids one round trip pushes.
+const PUSH_CHUNK: usize = 1_000;
+
+/// How many successes are acknowledged in one round trip, at most.
+const ACK_CHUNK: usize = 256;
+
+/// Acknowledges one entry, and only if that took it off the pending list (nobody
+/// acknowledged it before) adds it to the dead-letter stream: an id that two workers
+/// both finished is dead-lettered once.
+///
+/// KEYS: the stream, the dead-letter stream. ARGV: the group, the entry, then the
+/// dead letter's field/value pairs.
+const DEAD_LETTER: &str = r"
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+  return 1
+end
+return 0
+";
+
+/// Keeps this worker's entries from being reclaimed: resets the idle time of those
+/// still pending on it (an entry another worker has taken over meanwhile is left
+/// alone).
+///
+/// KEYS: the stream. ARGV: the group, the consumer, then the entries.
+const HEARTBEAT: &str = r"
+local mine = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #p > 0 then mine[#mine + 1] = ARGV[i] end
+end
+local n = #mine
+if n > 0 then
+  mine[n + 1] = 'JUSTID'
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
+end
+return n
+";
+
+/// How many entries one heartbeat call touches at most (Lua's `unpack` has a limit).
+const HEARTBEAT_CHUNK: usize = 1_000;
+
+/// A queue of ids on a Redis stream, which any number of workers, in any number of
+/// processes, work through together; a worker that dies loses nothing.
+///
+/// - A producer [`push`](Self::push)es ids (from [`FanOut::list_ids`], a file,
+///   anything) and [`close`](Self::close)s the queue when there are no more.
+/// - Each worker calls [`work`](Self::work) with its [`FanOut`] and a sink. It reads
+///   ids with `XREADGROUP` (a consumer group: each id goes to one worker), feeds them
+///   to [`FanOut::fan_out_stream`], hands each outcome to the sink, and only then
+///   acknowledges the id (`XACK`).
+/// - An id that ends in failure (after its last retry) also goes to the dead-letter
+///   stream, with its error.
+/// - Ids still pending on a worker that has not been heard of for the visibility
+///   timeout (it crashed, or was killed) are reclaimed with `XAUTOCLAIM` by the
+///   workers still running. A running worker keeps its ids from being reclaimed
+///   however long they take, by resetting their idle time every third of the timeout.
+/// - [`work`](Self::work) returns once the queue is closed and every id in it has been
+///   acknowledged.
+///
+/// # At least once
+///
+/// Delivery is at least once: a worker that dies after the sink took an outcome but
+/// before the acknowledgement reached Redis leaves that id pending, and another worker
+/// fetches it again. Make the sink idempotent, keyed by the id (an upsert, a `UNIQUE`
+/// column, a set). Dead letters are written exactly once per id entry: the
+/// acknowledgement and the dead letter are one atomic script.
+///
+/// ```no_run
+/// use fanout::FanOut;
+/// use fanout::redis::RedisIdQueue;
+///
+/// # #[derive(serde::Deserialize)] struct Player;
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = fanout::redis::redis::Client::open("redis://127.0.0.1/")?;
+/// let queue = RedisIdQueue::builder(client, "players").build().await?;
+///
+/// // The producer, once:
+/// queue.push(1..=100_000_u64).await?;
+/// queue.close().await?;
+///
+/// // Each worker:
+/// let players = FanOut::<u64, Player>::builder()
+///     .detail_url("https://api.example.com/players/{id}")
+///     .build()?;
+/// let report = queue
+///     .work(&players, |id, result| async move {
+///         // Store `result` under `id`, idempotently.
+///         Ok::<(), std::io::Error>(())
+///     })
+///     .await?;
+/// println!("{} stored, {} dead-lettered", report.succeeded, report.dead_lettered);
+/// # Ok(()) }
+/// ```
+///
+/// Ids are stored as their `Display` text in the entry's `id` field and parsed back
+/// with `FromStr`, so `redis-cli XADD players '*' id 42` queues an id too. An entry
+/// whose id cannot be parsed goes to the dead-letter stream.
+pub struct RedisIdQueue {
+    keys: Arc<Keys>,
+    client: Client,
+    connection: ConnectionManager,
+    visibility: Duration,
+    poll: Duration,
+    read_batch: Option<usize>,
+}
+
+/// The names the queue lives under.
+struct Keys {
+    stream: String,
+    group: String,
+    dead: String,
+    closed: String,
+    consumer_prefix: String,
+}
+
+/// What one call of [`RedisIdQueue::work`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkReport {
+    /// Ids whose successful outcome the sink took, and which were acknowledged.
+    pub succeeded: u64,
+    /// Ids whose failure the sink took, and which went to the dead-letter stream.
+    pub dead_lettered: u64,
+    /// Entries whose id could not be parsed; they went to the dead-letter stream
+    /// without reaching the sink.
+    pub unreadable: u64,
+    /// Entries taken over from workers that were not heard of within the visibility
+    /// timeout.
+    pub reclaimed: u64,
+}
+
+/// One entry of the dead-letter stream: an id that failed, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The dead letter's own entry id in the dead-letter stream.
+    pub entry: String,
+    /// The id, as it was queued.
+    pub id: String,
+    /// The id's entry in the queue's stream.
+    pub queued_as: String,
+    /// The [`ErrorKind`], by name (`"Status"`, `"Timeout"`, ...).
+    pub kind: String,
+    /// The HTTP status of the last answer, if the failure was one.
+    pub status: Option<u16>,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// The error's message.
+    pub error: String,
+}
+
+impl RedisIdQueue {
+    /// Starts a queue on the stream `name` on the Redis server `client` points at.
+    pub fn builder(client: Client, name: impl Into<String>) -> RedisIdQueueBuilder {
+        RedisIdQueueBuilder {
+            client,
+            name: name.into(),
+            group: "fanout".to_owned(),
+            dead: None,
+            consumer_prefix: "worker".to_owned(),
+            visibility: Duration::from_secs(30),
+            poll: Duration::from_secs(1),
+            read_batch: None,
+        }
+    }
+
+    /// The stream that holds the ids.
+    pub fn stream(&self) -> &str {
+        &self.keys.stream
+    }
+
+    /// The stream that holds the ids that failed.
+    pub fn dead_letter_stream(&self) -> &str {
+        &self.keys.dead
+    }
+
+    /// Adds ids to the queue, a thousand to a round trip; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Queue`] if Redis fails; the ids of earlier round trips are queued.
+    pub async fn push<I>(&self, ids: I) -> Result<u64, Error>
+    where
+        I: IntoIterator,
+        I::Item: fmt::Display,
+    {
+        self.push_stream(futures::stream::iter(ids)).await
+    }
+
+    /// Adds the ids of a stream to the queue (say, pages of a list endpoint as they
+    /// arrive), a thousand to a round trip; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Queue`] if Redis fails; the ids of earlier round trips are queued.
+    pub async fn push_stream<S>(&self, ids: S) -> Result<u64, Error>
+    where
+        S: Stream,
+        S::Item: fmt::Display,
+    {
+        let mut connection = self.connection.clone();
+        let mut chunks = std::pin::pin!(ids.ready_chunks(PUSH_CHUNK));
+        let mut pushed = 0_u64;
+        while let Some(chunk) = chunks.next().await {
+            let mut pipe = ::redis::pipe();
+            for id in &chunk {
+                pipe.xadd(&self.keys.stream, "*", &[(ID_FIELD, id.to_string())])
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut connection)
+                .await
+                .map_err(|err| queue_error("pushing ids failed", err))?;
+            pushed += chunk.len() as u64;
+        }
+        Ok(pushed)
+    }
+
+    /// Marks the queue as complete: workers return from [`work`](Self::work) once
+    /// every id in it has been acknowledged. Ids pushed later are still worked on by
+    /// workers that are running.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Queue`] if Redis fails.
+    pub async fn close(&self) -> Result<(), Error> {
+        let mut connection = self.connection.clone();
+        connection
+            .set::<_, _, ()>(&self.keys.closed, 1)
+            .await
+            .map_err(|err| queue_error("closing the queue failed", err))
+    }
+
+    /// Deletes the queue: its stream, its dead letters and its closed mark. The next
+    /// [`RedisIdQueueBuilder::build`] starts it afresh.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Queue`] if Redis fails.
+    pub async fn delete(self) -> Result<(), Error> {
+        let mut connection = self.connection.clone();
+        let keys = [&self.keys.stream, &self.keys.dead, &self.keys.closed];
+        connection
+            .del::<_, ()>(&keys)
+            .await
+            .map_err(|err| queue_error("deleting the queue failed", err))
+    }
+
+    /// The first `count` entries of the dead-letter stream, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Queue`] if Redis fails.
+    pub async fn dead_letters(&self, count: usize) -> Result<Vec<DeadLetter>, Error> {
+        let mut connection = self.connection.clone();
+        let reply: StreamRangeReply = connection
+            .xrange_count(&self.keys.dead, "-", "+", count)
+            .await
+            .map_err(|err| queue_error("reading the dead letters failed", err))?;
+        Ok(reply.ids.into_iter().map(DeadLetter::from_entry).collect())
+    }
+
+    /// Works through the queue with `fanout` until it is closed and every id in it has
+    /// been acknowledged, handing each id's outcome to `sink`.
+    ///
+    /// Each call is one worker, with a consumer name of its own. Run it in as many
+    /// tasks and processes as the job needs; see `docs/fleet.md`. An id is
+    /// acknowledged only once `sink` has returned `Ok` for its outcome; a failure is
+    /// also written to the dead-letter stream. Dropping the future stops the worker:
+    /// its pending ids are reclaimed by other workers after the visibility timeout.
+    ///
+    /// # Errors
+    ///
+    /// - [`ErrorKind::Sink`] when `sink` returns an error. The worker stops there; that
+    ///   id and the others it held are not acknowledged, and will be delivered again.
+    /// - [`ErrorKind::Queue`] when Redis fails. Outcomes that reached the sink before
+    ///   are kept; unacknowledged ids will be delivered again.
+    pub async fn work<Id, T, S, Fut, E>(
+        &self,
+        fanout: &FanOut<Id, T>,
+        mut sink: S,
+    ) -> Result<WorkReport, Error>
+    where
+        Id: FromStr + fmt::Display + Clone + Send + Sync + 'static,
+        Id::Err: fmt::Display,
+        T: DeserializeOwned + Send + 'static,
+        S: FnMut(Id, Result<T, Error>) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+        E: Into<BoxError>,
+    {
+        let consumer = format!(
+            "{}-{}-{:08x}",
+            self.keys.consumer_prefix,
+            std::process::id(),
+            fastrand::u32(..)
+        );
+        let held = Arc::new(Mutex::new(Held::default()));
+        let counts = Arc::new(Counts::default());
+        let failure = Arc::new(Mutex::new(None));
+        // Blocking reads get a connection of their own: on the shared one they would
+        // hold up every acknowledgement behind them.
+        let reads = ConnectionManager::new_with_config(
+            self.client.clone(),
+            ConnectionManagerConfig::new()
+                .set_response_timeout(Some(self.poll + Duration::from_secs(5)))
+                .set_connection_timeout(Some(Duration::from_secs(5))),
+        )
+        .await
+        .map_err(|err| queue_error("connecting to Redis failed", err))?;
+        let reader = Reader {
+            connection: reads,
+            keys: Arc::clone(&self.keys),
+            consumer: consumer.clone(),
+            visibility_ms: millis(self.visibility),
+            poll_ms: millis(self.poll),
+            batch: self
+                .read_batch
+                .unwrap_or_else(|| fanout.shared().concurrency.max().clamp(16, 1_000)),
+            cursor: "0-0".to_owned(),
+            buffer: VecDeque::new(),
+            held: Arc::clone(&held),
+            counts: Arc::clone(&counts),
+            failure: Arc::clone(&failure),
+            _id: std::marker::PhantomData,
+        };
+        let _heartbeat = Heartbeat::start(
+            self.connection.clone(),
+            Arc::clone(&self.keys),
+            consumer,
+            Arc::clone(&held),
+            self.visibility / 3,
+        );
+        let ids = futures::stream::unfold(reader, |mut reader| async move {
+            reader.next().await.map(|id| (id, reader))
+        });
+        let mut done = fanout.fan_out_stream(ids).as_completed();
+        let mut acks = Acks {
+            connection: self.connection.clone(),
+            keys: Arc::clone(&self.keys),
+            entries: Vec::new(),
+            dead_letter: Script::new(DEAD_LETTER),
+        };
+        let mut report = WorkReport::default();
+        loop {
+            // Acknowledgements wait while outcomes are ready, to go in one round trip.
+            let next = match done.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    acks.flush().await?;
+                    done.next().await
+                }
+            };
+            let Some((id, result)) = next else { break };
+            let text = id.to_string();
+            let entry = held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(&text);
+            let letter = result.as_ref().err().map(|err| letter_of(&text, err));
+            if let Err(err) = sink(id, result).await {
+                let err = err.into();
+                return Err(Error::new(
+                    ErrorKind::Sink,
+                    format!("the sink refused the outcome of id {text:?}: {err}"),
+                )
+                .with_source(err)
+                .with_id_text(text));
+            }
+            let Some(entry) = entry else {
+                // Every id the stream gave has an entry; nothing else reaches here.
+                tracing::warn!(id = %text, "an outcome for an id this worker did not read");
+                continue;
+            };
+            match letter {
+                None => {
+                    report.succeeded += 1;
+                    acks.entries.push(entry);
+                    if acks.entries.len() >= ACK_CHUNK {
+                        acks.flush().await?;
+                    }
+                }
+                Some(letter) => {
+                    if acks.dead_letter(&entry, letter).await? {
+                        report.dead_lettered += 1;
+                    }
+                }
+            }
+        }
+        acks.flush().await?;
+        if let Some(err) = failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            return Err(err);
+        }
+        report.unreadable = counts.unreadable.load(Ordering::Relaxed);
+        report.reclaimed = counts.reclaimed.load(Ordering::Relaxed);
+        Ok(report)
+    }
+}
+
+impl fmt::Debug for RedisIdQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisIdQueue")
+            .field("stream", &self.keys.stream)
+            .field("group", &self.keys.group)
+            .field("dead_letter_stream", &self.keys.dead)
+            .field("visibility_timeout", &self.visibility)
+            .field("poll_interval", &self.poll)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sets up a [`RedisIdQueue`]; made by [`RedisIdQueue::builder`].
+#[must_use]
+pub struct RedisIdQueueBuilder {
+    client: Client,
+    name: String,
+    group: String,
+    dead: Option<String>,
+    consumer_prefix: String,
+    visibility: Duration,
+    poll: Duration,
+    read_batch: Option<usize>,
+}
+
+impl RedisIdQueueBuilder {
+    /// The consumer group the workers share. Two groups on one stream each see every
+    /// id.
+    ///
+    /// Default: `"fanout"`.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = group.into();
+        self
+    }
+
+    /// The stream that failed ids go to.
+    ///
+    /// Default: the queue's name followed by `:dead`.
+    pub fn dead_letter_stream(mut self, name: impl Into<String>) -> Self {
+        self.dead = Some(name.into());
+        self
+    }
+
+    /// How long an id may stay pending on a worker that is not heard of before other
+    /// workers take it over. A running worker refreshes its ids every third of this,
+    /// so it bounds how long a dead worker's ids wait, not how long an id may take.
+    ///
+    /// Default: 30 seconds.
+    pub fn visibility_timeout(mut self, timeout: Duration) -> Self {
+        self.visibility = timeout;
+        self
+    }
+
+    /// How long a worker with nothing to read waits for new ids before it looks
+    /// again for ids to reclaim, and whether the queue is done.
+    ///
+    /// Default: 1 second.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll = interval;
+        self
+    }
+
+    /// How many ids a worker reads in one round trip. They are pending on it from
+    /// then on, so a larger batch means fewer round trips but more ids to reclaim if
+    /// it dies.
+    ///
+    /// Default: the `FanOut`'s concurrency (its maximum, if adaptive), from 16 to
+    /// 1,000.
+    pub fn read_batch(mut self, ids: usize) -> Self {
+        self.read_batch = Some(ids);
+        self
+    }
+
+    /// The start of each worker's consumer name, which goes on with the process id and
+    /// a random number.
+    ///
+    /// Default: `"worker"`.
+    pub fn consumer_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.consumer_prefix = prefix.into();
+        self
+    }
+
+    /// Connects to Redis and creates the stream and its consumer group, unless they
+    /// exist.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidConfig`] for an empty name or group, a visibility timeout
+    /// under 3 ms, a zero poll interval or read batch; [`ErrorKind::Queue`] when Redis
+    /// cannot be reached or refuses.
+    pub async fn build(self) -> Result<RedisIdQueue, Error> {
+        let config = |message: &str| Error::new(ErrorKind::InvalidConfig, message);
+        if self.name.is_empty() || self.group.is_empty() {
+            return Err(config("the queue needs a name and a group"));
+        }
+        if self.visibility < Duration::from_millis(3) {
+            return Err(config(
+                "visibility_timeout must be at least 3 ms; workers refresh their ids \
+                 every third of it",
+            ));
+        }
+        if self.poll.is_zero() {
+            return Err(config("poll_interval must be longer than zero"));
+        }
+        if self.read_batch == Some(0) {
+            return Err(config("read_batch must be at least 1"));
+        }
+        let mut connection = ConnectionManager::new_with_config(
+            self.client.clone(),
+            ConnectionManagerConfig::new()
+                .set_response_timeout(Some(Duration::from_secs(5)))
+                .set_connection_timeout(Some(Duration::from_secs(5))),
+        )
+        .await
+        .map_err(|err| queue_error("connecting to Redis failed", err))?;
+        match connection
+            .xgroup_create_mkstream::<_, _, _, ()>(&self.name, &self.group, "0")
+            .await
+        {
+            Ok(()) => {}
+            Err(err) if err.code() == Some("BUSYGROUP") => {}
+            Err(err) => return Err(queue_error("creating the consumer group failed", err)),
+        }
+        let keys = Keys {
+            dead: self.dead.unwrap_or_else(|| format!("{}:dead", self.name)),
+            closed: format!("{}:closed", self.name),
+            stream: self.name,
+            group: self.group,
+            consumer_prefix: self.consumer_prefix,
+        };
+        Ok(RedisIdQueue {
+            keys: Arc::new(keys),
+            client: self.client,
+            connection,
+            visibility: self.visibility,
+            poll: self.poll,
+            read_batch: self.read_batch,
+        })
+    }
+}
+
+impl fmt::Debug for RedisIdQueueBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisIdQueueBuilder")
+            .field("name", &self.name)
+            .field("group", &self.group)
+            .field("dead_letter_stream", &self.dead)
+            .field("visibility_timeout", &self.visibility)
+            .field("poll_interval", &self.poll)
+            .field("read_batch", &self.read_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The entries this worker has read and not yet finished: in its buffer or in
+/// flight, keyed by the id's text. (The same id queued twice has two entries.)
+#[derive(Default)]
+struct Held {
+    by_id: HashMap<String, VecDeque<String>>,
+}
+
+impl Held {
+    fn put(&mut self, id: String, entry: String) {
+        self.by_id.entry(id).or_default().push_back(entry);
+    }
+
+    /// The entry an outcome for `id` finishes.
+    fn take(&mut self, id: &str) -> Option<String> {
+        let entries = self.by_id.get_mut(id)?;
+        let entry = entries.pop_front();
+        if entries.is_empty() {
+            self.by_id.remove(id);
+        }
+        entry
+    }
+
+    fn entries(&self) -> Vec<String> {
+        self.by_id.values().flatten().cloned().collect()
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    reclaimed: AtomicU64,
+    unreadable: AtomicU64,
+}
+
+/// Where the worker's ids come from: entries reclaimed from dead workers first, then
+/// new ones; the end once the queue is closed and nobody else holds an id.
+struct Reader<Id> {
+    connection: ConnectionManager,
+    keys: Arc<Keys>,
+    consumer: String,
+    visibility_ms: u64,
+    poll_ms: u64,
+    batch: usize,
+    /// Where the next `XAUTOCLAIM` goes on scanning the pending entries.
+    cursor: String,
+    buffer: VecDeque<Id>,
+    held: Arc<Mutex<Held>>,
+    counts: Arc<Counts>,
+    failure: Arc<Mutex<Option<Error>>>,
+    _id: std::marker::PhantomData<fn() -> Id>,
+}
+
+impl<Id> Reader<Id>
+where
+    Id: FromStr + fmt::Display,
+    Id::Err: fmt::Display,
+{
+    async fn next(&mut self) -> Option<Id> {
+        loop {
+            if let Some(id) = self.buffer.pop_front() {
+                return Some(id);
+            }
+            match self.fill().await {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(err) => {
+                    *self.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Reads more entries; `false` when the queue is done.
+    async fn fill(&mut self) -> Result<bool, Error> {
+        let keys = Arc::clone(&self.keys);
+        let reclaimed: StreamAutoClaimReply = self
+            .connection
+            .xautoclaim_options(
+                &keys.stream,
+                &keys.group,
+                &self.consumer,
+                self.visibility_ms,
+                &self.cursor,
+                StreamAutoClaimOptions::default().count(self.batch),
+            )
+            .await
+            .map_err(|err| queue_error("reclaiming ids failed", err))?;
+        self.cursor = reclaimed.next_stream_id;
+        if !reclaimed.claimed.is_empty() {
+            let n = reclaimed.claimed.len() as u64;
+            tracing::info!(entries = n, "reclaimed ids from a worker not heard of");
+            self.counts.reclaimed.fetch_add(n, Ordering::Relaxed);
+            self.accept(reclaimed.claimed).await?;
+            return Ok(true);
+        }
+        let options = StreamReadOptions::default()
+            .group(&keys.group, &self.consumer)
+            .count(self.batch)
+            .block(usize::try_from(self.poll_ms).unwrap_or(usize::MAX));
+        let read: Option<StreamReadReply> = self
+            .connection
+            .xread_options(&[&keys.stream], &[">"], &options)
+            .await
+            .map_err(|err| queue_error("reading ids failed", err))?;
+        let entries: Vec<StreamId> = read
+            .into_iter()
+            .flat_map(|reply| reply.keys)
+            .flat_map(|key| key.ids)
+            .collect();
+        if !entries.is_empty() {
+            self.accept(entries).await?;
+            return Ok(true);
+        }
+        Ok(!self.done().await?)
+    }
+
+    /// Whether the queue is closed and no other worker holds an id (one that dies
+    /// holding some would leave them to be reclaimed).
+    async fn done(&mut self) -> Result<bool, Error> {
+        let keys = Arc::clone(&self.keys);
+        let closed: bool = self
+            .connection
+            .exists(&keys.closed)
+            .await
+            .map_err(|err| queue_error("reading the queue's state failed", err))?;
+        if !closed {
+            return Ok(false);
+        }
+        let pending: StreamPendingReply = self
+            .connection
+            .xpending(&keys.stream, &keys.group)
+            .await
+            .map_err(|err| queue_error("reading the queue's state failed", err))?;
+        Ok(match pending {
+            StreamPendingReply::Data(data) => data
+                .consumers
+                .iter()
+                .all(|consumer| consumer.name == self.consumer || consumer.pending == 0),
+            _ => true,
+        })
+    }
+
+    /// Takes read entries in: ids into the buffer, unparseable entries to the dead
+    /// letters.
+    async fn accept(&mut self, entries: Vec<StreamId>) -> Result<(), Error> {
+        let mut unreadable = Vec::new();
+        {
+            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+            for entry in entries {
+                let text: Option<String> = entry.get(ID_FIELD);
+                match text.as_deref().map(Id::from_str) {
+                    Some(Ok(id)) => {
+                        held.put(id.to_string(), entry.id);
+                        self.buffer.push_back(id);
+                    }
+                    Some(Err(err)) => {
+                        let text = text.unwrap_or_default();
+                        let message = format!("the queued id {text:?} cannot be parsed: {err}");
+                        unreadable.push((entry.id, text, message));
+                    }
+                    None => {
+                        let message = format!("the entry has no {ID_FIELD:?} field");
+                        unreadable.push((entry.id, String::new(), message));
+                    }
+                }
+            }
+        }
+        if unreadable.is_empty() {
+            return Ok(());
+        }
+        let script = Script::new(DEAD_LETTER);
+        for (entry, id, message) in unreadable {
+            let letter = Letter {
+                id,
+                kind: format!("{:?}", ErrorKind::InvalidId),
+                status: None,
+                attempts: 0,
+                error: message,
+            };
+            let added =
+                dead_letter(&mut self.connection, &script, &self.keys, &entry, letter).await?;
+            if added {
+                self.counts.unreadable.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Acknowledgements on their way.
+struct Acks {
+    connection: ConnectionManager,
+    keys: Arc<Keys>,
+    /// Successes not yet acknowledged.
+    entries: Vec<String>,
+    dead_letter: Script,
+}
+
+impl Acks {
+    async fn flush(&mut self) -> Result<(), Error> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        self.connection
+            .xack::<_, _, _, ()>(&self.keys.stream, &self.keys.group, &self.entries)
+            .await
+            .map_err(|err| queue_error("acknowledging ids failed", err))?;
+        self.entries.clear();
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, entry: &str, letter: Letter) -> Result<bool, Error> {
+        dead_letter(
+            &mut self.connection,
+            &self.dead_letter,
+            &self.keys,
+            entry,
+            letter,
+        )
+        .await
+    }
+}
+
+/// What a dead letter says.
+struct Letter {
+    id: String,
+    kind: String,
+    status: Option<u16>,
+    attempts: u32,
+    error: String,
+}
+
+fn letter_of(id: &str, err: &Error) -> Letter {
+    Letter {
+        id: id.to_owned(),
+        kind: format!("{:?}", err.kind()),
+        status: err.status().map(|status| status.as_u16()),
+        attempts: err.attempts(),
+        error: err.to_string(),
+    }
+}
+
+/// Acknowledges `entry` and writes its dead letter, atomically; `false` if somebody
+/// had acknowledged it already (and written its letter).
+async fn dead_letter(
+    connection: &mut ConnectionManager,
+    script: &Script,
+    keys: &Keys,
+    entry: &str,
+    letter: Letter,
+) -> Result<bool, Error> {
+    let status = letter.status.map(|s| s.to_string()).unwrap_or_default();
+    let added: u8 = script
+        .key(&keys.stream)
+        .key(&keys.dead)
+        .arg(&keys.group)
+        .arg(entry)
+        .arg("id")
+        .arg(&letter.id)
+        .arg("queued_as")
+        .arg(entry)
+        .arg("kind")
+        .arg(&letter.kind)
+        .arg("status")
+        .arg(status)
+        .arg("attempts")
+        .arg(letter.attempts)
+        .arg("error")
+        .arg(&letter.error)
+        .invoke_async(connection)
+        .await
+        .map_err(|err| queue_error("writing a dead letter failed", err))?;
+    Ok(added == 1)
+}
+
+impl DeadLetter {
+    fn from_entry(entry: StreamId) -> Self {
+        let text = |field: &str| entry.get::<String>(field).unwrap_or_default();
+        DeadLetter {
+            id: text("id"),
+            queued_as: text("queued_as"),
+            kind: text("kind"),
+            status: text("status").parse().ok(),
+            attempts: text("attempts").parse().unwrap_or(0),
+            error: text("error"),
+            entry: entry.id,
+        }
+    }
+}
+
+/// Refreshes this worker's entries every third of the visibility timeout, until it
+/// is dropped.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Heartbeat {
+    fn start(
+        mut connection: ConnectionManager,
+        keys: Arc<Keys>,
+        consumer: String,
+        held: Arc<Mutex<Held>>,
+        every: Duration,
+    ) -> Self {
+        Heartbeat(tokio::spawn(async move {
+            let script = Script::new(HEARTBEAT);
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await; // the first tick is now
+            loop {
+                ticks.tick().await;
+                let entries = held
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entries();
+                for chunk in entries.chunks(HEARTBEAT_CHUNK) {
+                    let mut call = script.key(&keys.stream);
+                    call.arg(&keys.group).arg(&consumer).arg(chunk);
+                    if let Err(err) = call.invoke_async::<u64>(&mut connection).await {
+                        // The next tick tries again; if Redis stays away, the ids are
+                        // reclaimed by others, which is what at-least-once allows.
+                        tracing::warn!(error = %err, "refreshing this worker's ids failed");
+                        break;
+                    }
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn queue_error(what: &str, err: RedisError) -> Error {
+    Error::new(ErrorKind::Queue, format!("{what}: {err}")).with_source(err)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,280 @@
+//! Several workers on one job through a real Redis (the `redis` feature): a shared
+//! quota, a work queue that loses nothing when a worker dies, and the errors when Redis
+//! is away. Each test starts its own `redis-server` on a free loopback port.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fanout::redis::redis::AsyncCommands;
+use fanout::redis::redis::streams::StreamPendingReply;
+use fanout::redis::{RedisIdQueue, RedisRateLimiter};
+use fanout::{ErrorKind, FanOut, Quota, RetryPolicy};
+use support::Item;
+use support::chaos::{ChaosServer, Fault};
+use support::redis::{RedisServer, free_port};
+
+fn quota(rate: u32, burst: u32) -> Quota {
+    Quota::per_second(NonZeroU32::new(rate).unwrap()).allow_burst(NonZeroU32::new(burst).unwrap())
+}
+
+/// The most arrivals in any window of `width`, over sorted arrival times.
+fn busiest_window(times: &[Instant], width: Duration) -> usize {
+    let mut most = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end] - times[start] >= width {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    most
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_share_one_quota() {
+    let redis = RedisServer::start();
+    let server = ChaosServer::always(Fault::Fine);
+    let (rate, burst, per_worker) = (50, 5, 100_u32);
+
+    let workers: Vec<_> = (0..3_u32)
+        .map(|worker| {
+            // Each worker has its own connection, as separate processes would.
+            let client = redis.client();
+            let template = server.template();
+            tokio::spawn(async move {
+                let limiter = RedisRateLimiter::builder(client, "api", quota(rate, burst))
+                    .connect()
+                    .await
+                    .unwrap();
+                let api = FanOut::<u32, Item>::builder()
+                    .detail_url(&template)
+                    .concurrency(8)
+                    .rate_limiter(Arc::new(limiter))
+                    .build()
+                    .unwrap();
+                let ids = (0..per_worker).map(move |i| worker * 1_000 + i);
+                let results = api.fan_out(ids).collect_ordered().await;
+                assert!(results.iter().all(Result::is_ok));
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+
+    let mut times: Vec<Instant> = server.visits().iter().map(|visit| visit.at).collect();
+    times.sort();
+    assert_eq!(times.len(), 3 * per_worker as usize);
+    let busiest = busiest_window(&times, Duration::from_secs(1));
+    assert!(
+        busiest <= (rate + burst) as usize,
+        "{busiest} requests in one second, over the shared quota of {rate} + a burst of {burst}"
+    );
+    // After the burst, one every 1/rate seconds.
+    let span = (*times.last().unwrap() - times[0]).as_secs_f64();
+    let combined = (times.len() - burst as usize) as f64 / span;
+    assert!(
+        combined >= 0.95 * f64::from(rate),
+        "the three workers together made {combined:.1} requests/s of the {rate} allowed"
+    );
+    eprintln!("busiest second: {busiest}; combined rate: {combined:.2}/s over {span:.2} s");
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_a_clear_error_unless_a_fallback_is_chosen() {
+    let nowhere =
+        fanout::redis::redis::Client::open(format!("redis://127.0.0.1:{}/", free_port())).unwrap();
+    let err = RedisRateLimiter::builder(nowhere.clone(), "api", quota(40, 4))
+        .connect()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RateLimiter);
+    assert!(
+        err.to_string()
+            .contains("\"api\" on Redis could not be reached"),
+        "{err}"
+    );
+
+    // By choice: this worker's share of the quota (2 workers: 20/s, burst 2), never
+    // unlimited.
+    let limiter = RedisRateLimiter::builder(nowhere, "api", quota(40, 4))
+        .fall_back_to_local(2)
+        .connect()
+        .await
+        .unwrap();
+    let server = ChaosServer::always(Fault::Fine);
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .rate_limiter(Arc::new(limiter))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let results = api.fan_out(0..20).collect_ordered().await;
+    let took = started.elapsed();
+    assert!(results.iter().all(Result::is_ok));
+    // 2 at once, then 18 at 20/s: 0.9 s. Unlimited would take milliseconds; the
+    // whole quota (40/s, burst 4) 0.4 s.
+    assert!(took >= Duration::from_millis(800), "took {took:?}");
+}
+
+#[tokio::test]
+async fn redis_going_away_fails_attempts_unsent_and_they_are_retried() {
+    let mut redis = RedisServer::start();
+    let limiter = RedisRateLimiter::builder(redis.client(), "api", quota(100, 10))
+        .connect()
+        .await
+        .unwrap();
+    let server = ChaosServer::always(Fault::Fine);
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .rate_limiter(Arc::new(limiter))
+        .retry(
+            RetryPolicy::exponential()
+                .max_retries(2)
+                .initial_delay(Duration::from_millis(10)),
+        )
+        .build()
+        .unwrap();
+    assert!(
+        api.fan_out(0..3)
+            .collect_ordered()
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    redis.kill();
+
+    let results = api.fan_out(3..8).collect_ordered().await;
+    for result in results {
+        let err = result.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::RateLimiter, "{err}");
+        assert_eq!(err.attempts(), 3, "the first attempt and 2 retries: {err}");
+        assert!(err.id().is_some() && err.url().is_some(), "{err:?}");
+    }
+    assert_eq!(server.requests(), 3, "nothing is sent without a token");
+}
+
+/// The queue's main promise: 5,000 ids, 3 workers, one killed mid-run. Every id ends
+/// with exactly one success in the sink (deduplicated by id), none is lost, the dead
+/// worker's ids are reclaimed, and the dead letters are exactly the 404s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_loses_nothing() {
+    let redis = RedisServer::start();
+    let missing = |id: u32| id % 97 == 0;
+    let server = ChaosServer::scripted(move |id, _| match id.parse::<u32>() {
+        Ok(id) if missing(id) => Fault::Status(404),
+        _ => Fault::Slow(Duration::from_millis(2)),
+    });
+    let queue = Arc::new(
+        RedisIdQueue::builder(redis.client(), "players")
+            .visibility_timeout(Duration::from_secs(1))
+            .poll_interval(Duration::from_millis(100))
+            .build()
+            .await
+            .unwrap(),
+    );
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .concurrency(16)
+        .build()
+        .unwrap();
+
+    // (worker, id, succeeded) for every outcome any sink took.
+    let sunk = Arc::new(Mutex::new(Vec::<(usize, u32, bool)>::new()));
+    let taken_by_first = Arc::new(AtomicUsize::new(0));
+    // The workers start before there is anything to read: they wait for the producer.
+    let workers: Vec<_> = (0..3)
+        .map(|worker| {
+            let (queue, api, sunk) = (Arc::clone(&queue), api.clone(), Arc::clone(&sunk));
+            let taken_by_first = Arc::clone(&taken_by_first);
+            tokio::spawn(async move {
+                queue
+                    .work(&api, |id: u32, result: Result<Item, fanout::Error>| {
+                        if let Ok(item) = &result {
+                            assert_eq!(item.id, id.to_string());
+                        }
+                        sunk.lock().unwrap().push((worker, id, result.is_ok()));
+                        if worker == 0 {
+                            taken_by_first.fetch_add(1, Ordering::SeqCst);
+                        }
+                        async { Ok::<(), std::convert::Infallible>(()) }
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let all: Vec<u32> = (1..=5_000).collect();
+    assert_eq!(queue.push(all.iter()).await.unwrap(), 5_000);
+    queue.close().await.unwrap();
+
+    let mut workers = workers.into_iter();
+    let first = workers.next().unwrap();
+    let started = support::eventually(Duration::from_secs(30), || {
+        taken_by_first.load(Ordering::SeqCst) >= 300
+    })
+    .await;
+    assert!(started, "the first worker never took 300 outcomes");
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    let mut connection = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let pending: StreamPendingReply = connection.xpending("players", "fanout").await.unwrap();
+    assert!(pending.count() > 0, "the killed worker held ids");
+
+    let mut reclaimed = 0;
+    let mut dead_lettered = 0;
+    for worker in workers {
+        let report = worker.await.unwrap().unwrap();
+        reclaimed += report.reclaimed;
+        dead_lettered += report.dead_lettered;
+    }
+    assert!(reclaimed > 0, "the killed worker's ids were taken over");
+
+    let sunk = sunk.lock().unwrap();
+    let succeeded: HashSet<u32> = sunk.iter().filter(|s| s.2).map(|s| s.1).collect();
+    let expected: HashSet<u32> = all.iter().copied().filter(|&id| !missing(id)).collect();
+    assert_eq!(
+        succeeded, expected,
+        "every id but the 404s succeeded, in some sink"
+    );
+    assert!(sunk.iter().all(|&(_, id, ok)| ok != missing(id)));
+    let mut outcomes: HashMap<u32, usize> = HashMap::new();
+    for &(_, id, _) in sunk.iter() {
+        *outcomes.entry(id).or_default() += 1;
+    }
+    let repeated = outcomes.values().filter(|&&n| n > 1).count();
+    eprintln!(
+        "{} outcomes for 5000 ids ({repeated} delivered more than once), {reclaimed} reclaimed",
+        sunk.len()
+    );
+
+    let letters = queue.dead_letters(10_000).await.unwrap();
+    let mut dead: Vec<u32> = letters
+        .iter()
+        .map(|letter| letter.id.parse().unwrap())
+        .collect();
+    dead.sort_unstable();
+    let not_found: Vec<u32> = all.iter().copied().filter(|&id| missing(id)).collect();
+    assert_eq!(
+        dead, not_found,
+        "the dead letters are exactly the 404s, each once"
+    );
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.kind == "Status" && l.status == Some(404))
+    );
+    assert!(dead_lettered <= not_found.len() as u64);
+
+    let pending: StreamPendingReply = connection.xpending("players", "fanout").await.unwrap();
+    assert_eq!(pending.count(), 0, "every entry is acknowledged");
+}
