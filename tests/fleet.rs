@@ -166,7 +166,7 @@ async fn redis_going_away_fails_attempts_unsent_and_they_are_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_loses_nothing() {
     let redis = RedisServer::start();
-    let missing = |id: u32| id % 97 == 0;
+    let missing = |id: u32| id.is_multiple_of(97);
     let server = ChaosServer::scripted(move |id, _| match id.parse::<u32>() {
         Ok(id) if missing(id) => Fault::Status(404),
         _ => Fault::Slow(Duration::from_millis(2)),
@@ -239,7 +239,7 @@ async fn a_killed_worker_loses_nothing() {
     }
     assert!(reclaimed > 0, "the killed worker's ids were taken over");
 
-    let sunk = sunk.lock().unwrap();
+    let sunk = std::mem::take(&mut *sunk.lock().unwrap());
     let succeeded: HashSet<u32> = sunk.iter().filter(|s| s.2).map(|s| s.1).collect();
     let expected: HashSet<u32> = all.iter().copied().filter(|&id| !missing(id)).collect();
     assert_eq!(
@@ -277,4 +277,148 @@ async fn a_killed_worker_loses_nothing() {
 
     let pending: StreamPendingReply = connection.xpending("players", "fanout").await.unwrap();
     assert_eq!(pending.count(), 0, "every entry is acknowledged");
+}
+
+async fn queue(redis: &RedisServer, name: &str, visibility: Duration) -> Arc<RedisIdQueue> {
+    Arc::new(
+        RedisIdQueue::builder(redis.client(), name)
+            .visibility_timeout(visibility)
+            .poll_interval(Duration::from_millis(50))
+            .build()
+            .await
+            .unwrap(),
+    )
+}
+
+/// Ids that take longer than the visibility timeout stay with the worker that has
+/// them: it refreshes them, so the other worker, polling all along, reclaims none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_worker_keeps_ids_that_outlast_the_visibility_timeout() {
+    let redis = RedisServer::start();
+    let server = ChaosServer::always(Fault::Slow(Duration::from_millis(1_000)));
+    let queue = queue(&redis, "slow", Duration::from_millis(300)).await;
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .concurrency(4)
+        .build()
+        .unwrap();
+    queue.push(0..8_u32).await.unwrap();
+    queue.close().await.unwrap();
+    let sunk = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (queue, api, sunk) = (Arc::clone(&queue), api.clone(), Arc::clone(&sunk));
+            tokio::spawn(async move {
+                queue
+                    .work(&api, |id: u32, result: Result<Item, fanout::Error>| {
+                        sunk.lock().unwrap().push((id, result.is_ok()));
+                        async { Ok::<(), std::io::Error>(()) }
+                    })
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for worker in workers {
+        let report = worker.await.unwrap();
+        assert_eq!(report.reclaimed, 0, "{report:?}");
+    }
+    let mut sunk = std::mem::take(&mut *sunk.lock().unwrap());
+    sunk.sort_unstable();
+    assert_eq!(sunk, (0..8).map(|id| (id, true)).collect::<Vec<_>>());
+    assert_eq!(server.requests(), 8, "each id was fetched once");
+}
+
+/// An entry whose id does not parse, or that has no id, is dead-lettered without
+/// reaching the sink; the rest go on.
+#[tokio::test]
+async fn unreadable_entries_go_to_the_dead_letters() {
+    let redis = RedisServer::start();
+    let server = ChaosServer::always(Fault::Fine);
+    let queue = queue(&redis, "mixed", Duration::from_secs(5)).await;
+    let mut connection = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: String = connection.xadd("mixed", "*", &[("id", "7")]).await.unwrap();
+    let _: String = connection
+        .xadd("mixed", "*", &[("id", "seven")])
+        .await
+        .unwrap();
+    let _: String = connection
+        .xadd("mixed", "*", &[("name", "8")])
+        .await
+        .unwrap();
+    queue.push([9_u32]).await.unwrap();
+    queue.close().await.unwrap();
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .build()
+        .unwrap();
+    let mut sunk = Vec::new();
+    let report = queue
+        .work(&api, |id, result| {
+            sunk.push((id, result.is_ok()));
+            async { Ok::<(), std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    assert_eq!(sunk, [(7, true), (9, true)]);
+    assert_eq!((report.succeeded, report.unreadable), (2, 2), "{report:?}");
+    let letters = queue.dead_letters(10).await.unwrap();
+    assert_eq!(letters.len(), 2);
+    assert!(letters.iter().all(|letter| letter.kind == "InvalidId"));
+    assert_eq!(letters[0].id, "seven");
+    assert!(letters[0].error.contains("cannot be parsed"), "{letters:?}");
+    assert!(letters[1].error.contains("no \"id\" field"), "{letters:?}");
+}
+
+/// A sink that fails stops its worker with a typed error naming the id; the id is not
+/// acknowledged, and the next worker gets it.
+#[tokio::test]
+async fn a_sink_that_fails_leaves_the_id_for_another_worker() {
+    let redis = RedisServer::start();
+    let server = ChaosServer::always(Fault::Fine);
+    let queue = queue(&redis, "picky", Duration::from_millis(200)).await;
+    queue.push(0..20_u32).await.unwrap();
+    queue.close().await.unwrap();
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .concurrency(1)
+        .build()
+        .unwrap();
+    let mut kept = Vec::new();
+    let err = queue
+        .work(&api, |id, _| {
+            kept.push(id);
+            async move {
+                if id == 5 {
+                    Err(std::io::Error::other("disk full"))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Sink);
+    assert_eq!(err.id(), Some("5"));
+    assert!(err.to_string().contains("disk full"), "{err}");
+
+    let report = queue
+        .work(&api, |id, _| {
+            kept.push(id);
+            async { Ok::<(), std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    assert!(report.reclaimed >= 1, "{report:?}");
+    let delivered: HashSet<u32> = kept.iter().copied().collect();
+    assert_eq!(delivered, (0..20).collect(), "every id reached a sink");
+    assert_eq!(
+        kept.iter().filter(|&&id| id == 5).count(),
+        2,
+        "5 came again"
+    );
 }

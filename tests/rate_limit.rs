@@ -177,3 +177,84 @@ fn a_rate_of_zero_is_refused() {
     assert_eq!(err.kind(), ErrorKind::InvalidConfig);
     assert!(err.to_string().contains("requests_per_second"), "{err}");
 }
+
+/// A limiter of the caller's own: refuses its first `refusals` requests for a token,
+/// then grants every one.
+#[derive(Debug)]
+struct Flaky {
+    refusals: std::sync::atomic::AtomicU32,
+    asked: std::sync::atomic::AtomicU32,
+}
+
+impl Flaky {
+    fn refusing(refusals: u32) -> Arc<Self> {
+        Arc::new(Flaky {
+            refusals: refusals.into(),
+            asked: 0.into(),
+        })
+    }
+}
+
+impl fanout::RateLimit for Flaky {
+    fn try_acquire(&self) -> bool {
+        false
+    }
+
+    fn acquire(&self) -> fanout::Acquire<'_> {
+        use std::sync::atomic::Ordering;
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        let refused = self
+            .refusals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        Box::pin(async move {
+            if refused {
+                Err(fanout::BoxError::from("the token store is down"))
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_limiter_of_ones_own_is_asked_for_every_attempt_and_its_failures_are_retried() {
+    let arrivals = Arrivals::default();
+    let server = echo_server(&arrivals).await;
+    let retry = RetryPolicy::exponential()
+        .max_retries(2)
+        .initial_delay(Duration::from_millis(1));
+    let limiter = Flaky::refusing(2);
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&format!("{}/items/{{id}}", server.uri()))
+        .concurrency(1)
+        .rate_limiter(Arc::clone(&limiter))
+        .retry(retry.clone())
+        .build()
+        .unwrap();
+    // The first id is refused twice, then sent on its third attempt.
+    let results = api.fan_out([1, 2]).collect_ordered().await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(limiter.asked.load(std::sync::atomic::Ordering::SeqCst), 4);
+    assert_eq!(arrivals.count(), 2, "refused attempts are not sent");
+
+    // A limiter that keeps refusing fails the id with a typed error, unsent.
+    let limiter = Flaky::refusing(u32::MAX);
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&format!("{}/items/{{id}}", server.uri()))
+        .rate_limiter(limiter)
+        .retry(retry)
+        .build()
+        .unwrap();
+    let err = api
+        .fan_out([3])
+        .collect_ordered()
+        .await
+        .remove(0)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RateLimiter);
+    assert_eq!(err.attempts(), 3);
+    assert_eq!(err.id(), Some("3"));
+    assert!(err.to_string().contains("the token store is down"), "{err}");
+    assert_eq!(arrivals.count(), 2);
+}

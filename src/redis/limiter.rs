@@ -345,7 +345,8 @@ impl RedisRateLimiterBuilder {
                     None => return Err(unreachable(err)),
                 },
             };
-        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        // Rounded up to whole microseconds: never faster than the quota.
+        let micros = |d: Duration| u64::try_from(d.as_nanos().div_ceil(1_000)).unwrap_or(u64::MAX);
         let interval_us = micros(self.quota.replenish_interval());
         Ok(RedisRateLimiter {
             connection,
@@ -393,7 +394,9 @@ mod tests {
     fn a_share_divides_rate_and_burst() {
         let quota = Quota::per_second(NonZeroU32::new(60).unwrap());
         let third = share(quota, NonZeroU32::new(3).unwrap());
-        assert_eq!(third.replenish_interval(), Duration::from_millis(50));
+        // 1/60 s is 16,666,666 ns: three of them are 2 ns short of 50 ms.
+        let interval = third.replenish_interval();
+        assert!(interval.abs_diff(Duration::from_millis(50)) < Duration::from_micros(1));
         assert_eq!(third.burst_size().get(), 20);
         let small = Quota::per_second(NonZeroU32::new(2).unwrap());
         let tenth = share(small, NonZeroU32::new(10).unwrap());
