@@ -71,6 +71,13 @@ where
         }
     }
 
+    /// Admits every id, repeats too, whatever the `FanOut`'s `dedup_ids` says.
+    #[cfg(feature = "redis")]
+    pub(crate) fn keep_repeats(mut self) -> Self {
+        self.core.keep_repeats();
+        self
+    }
+
     /// A handle on this batch's progress, to read from another task while it runs:
     /// ids admitted, succeeded and failed, retries, requests in flight, and more (see
     /// [`Snapshot`](crate::Snapshot)). Take it before consuming the batch; it stays

@@ -60,7 +60,7 @@ pub type RateLimiter = governor::DefaultDirectRateLimiter;
 ///     }
 /// }
 /// ```
-pub trait RateLimit: fmt::Debug + Send + Sync + 'static {
+pub trait RateLimit: Any + fmt::Debug + Send + Sync {
     /// Takes a token if one is free now, without waiting. A limiter that cannot tell
     /// without waiting (one across a network) returns `false`, and
     /// [`acquire`](Self::acquire) is called instead.

@@ -22,9 +22,23 @@
 mod limiter;
 mod queue;
 
+use crate::error::{Error, ErrorKind};
+
 pub use self::limiter::{RedisRateLimiter, RedisRateLimiterBuilder};
 pub use self::queue::{DeadLetter, RedisIdQueue, RedisIdQueueBuilder, WorkReport};
 
 /// The `redis` crate `fanout` is built with, so that the [`Client`](redis::Client) you
 /// pass is of the same version.
 pub use ::redis;
+
+/// The Redis client and the workers' tasks need a Tokio runtime: without one, a typed
+/// error rather than a panic.
+fn in_runtime() -> Result<(), Error> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => Ok(()),
+        Err(_) => Err(Error::new(
+            ErrorKind::Runtime,
+            "Redis coordination must run inside a Tokio runtime",
+        )),
+    }
+}

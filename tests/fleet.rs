@@ -15,6 +15,7 @@ use fanout::redis::redis::AsyncCommands;
 use fanout::redis::redis::streams::StreamPendingReply;
 use fanout::redis::{RedisIdQueue, RedisRateLimiter};
 use fanout::{ErrorKind, FanOut, Quota, RetryPolicy};
+use futures::FutureExt;
 use support::Item;
 use support::chaos::{ChaosServer, Fault};
 use support::redis::{RedisServer, free_port};
@@ -364,6 +365,7 @@ async fn unreadable_entries_go_to_the_dead_letters() {
         })
         .await
         .unwrap();
+    sunk.sort_unstable();
     assert_eq!(sunk, [(7, true), (9, true)]);
     assert_eq!((report.succeeded, report.unreadable), (2, 2), "{report:?}");
     let letters = queue.dead_letters(10).await.unwrap();
@@ -421,4 +423,227 @@ async fn a_sink_that_fails_leaves_the_id_for_another_worker() {
         2,
         "5 came again"
     );
+}
+
+/// Ids queued twice are two pieces of work: both get an outcome and are acknowledged,
+/// even with `dedup_ids`, which would otherwise drop the repeat unseen.
+#[tokio::test]
+async fn repeated_ids_each_get_an_outcome_even_with_dedup() {
+    let redis = RedisServer::start();
+    let server = ChaosServer::always(Fault::Fine);
+    let queue = queue(&redis, "twice", Duration::from_secs(5)).await;
+    queue.push([1_u32, 2, 1, 3, 2]).await.unwrap();
+    queue.close().await.unwrap();
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .dedup_ids(true)
+        .build()
+        .unwrap();
+    let mut sunk = Vec::new();
+    let report = queue
+        .work(&api, |id, result| {
+            sunk.push((id, result.is_ok()));
+            async { Ok::<(), std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    sunk.sort_unstable();
+    assert_eq!(
+        sunk,
+        [(1, true), (1, true), (2, true), (2, true), (3, true)]
+    );
+    assert_eq!(report.succeeded, 5);
+    let mut connection = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let pending: StreamPendingReply = connection.xpending("twice", "fanout").await.unwrap();
+    assert_eq!(pending.count(), 0);
+}
+
+/// A sink slower than the visibility timeout does not lose the worker its ids: they
+/// are refreshed until acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sink_keeps_its_ids() {
+    let redis = RedisServer::start();
+    let server = ChaosServer::always(Fault::Fine);
+    let queue = queue(&redis, "slow-sink", Duration::from_millis(300)).await;
+    queue.push(0..6_u32).await.unwrap();
+    queue.close().await.unwrap();
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .build()
+        .unwrap();
+    let sunk = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (queue, api, sunk) = (Arc::clone(&queue), api.clone(), Arc::clone(&sunk));
+            tokio::spawn(async move {
+                queue
+                    .work(&api, |id: u32, _| {
+                        sunk.lock().unwrap().push(id);
+                        tokio::time::sleep(Duration::from_millis(400))
+                            .then(|()| async { Ok::<(), std::io::Error>(()) })
+                    })
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for worker in workers {
+        assert_eq!(worker.await.unwrap().reclaimed, 0);
+    }
+    let mut sunk = std::mem::take(&mut *sunk.lock().unwrap());
+    sunk.sort_unstable();
+    assert_eq!(sunk, [0, 1, 2, 3, 4, 5], "each id once");
+}
+
+#[tokio::test]
+async fn out_of_range_settings_are_typed_errors() {
+    let redis = RedisServer::start();
+    let builder = || RedisIdQueue::builder(redis.client(), "settings");
+    let cases = [
+        builder().poll_interval(Duration::from_micros(500)),
+        builder().poll_interval(Duration::MAX),
+        builder().visibility_timeout(Duration::from_millis(2)),
+        builder().visibility_timeout(Duration::MAX),
+        builder().read_batch(0),
+        builder().read_batch(usize::MAX),
+        builder().dead_letter_stream("settings"),
+        builder().dead_letter_stream("settings:closed"),
+        builder().group(""),
+    ];
+    for case in cases {
+        let debug = format!("{case:?}");
+        let err = case.build().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{debug}: {err}");
+    }
+    let limiter = RedisRateLimiter::builder(redis.client(), "api", quota(10, 1));
+    let err = limiter.fall_back_to_local(0).connect().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+}
+
+/// A shared limiter that stays away through every retry stops the worker: nothing was
+/// sent for the id, so it is not dead-lettered, and it stays queued.
+#[tokio::test]
+async fn a_worker_stops_when_its_shared_limiter_is_gone() {
+    let queue_redis = RedisServer::start();
+    let mut limiter_redis = RedisServer::start();
+    let server = ChaosServer::always(Fault::Fine);
+    let queue = queue(&queue_redis, "limited", Duration::from_secs(5)).await;
+    queue.push(0..10_u32).await.unwrap();
+    queue.close().await.unwrap();
+    let limiter = RedisRateLimiter::builder(limiter_redis.client(), "api", quota(100, 10))
+        .connect()
+        .await
+        .unwrap();
+    limiter_redis.kill();
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .rate_limiter(Arc::new(limiter))
+        .retry(
+            RetryPolicy::exponential()
+                .max_retries(1)
+                .initial_delay(Duration::from_millis(1)),
+        )
+        .build()
+        .unwrap();
+    let mut sunk = 0;
+    let err = queue
+        .work(&api, |_, _| {
+            sunk += 1;
+            async { Ok::<(), std::io::Error>(()) }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RateLimiter, "{err}");
+    assert_eq!(sunk, 0);
+    assert_eq!(server.requests(), 0);
+    assert!(queue.dead_letters(100).await.unwrap().is_empty());
+    let mut connection = queue_redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let pending: StreamPendingReply = connection.xpending("limited", "fanout").await.unwrap();
+    assert_eq!(
+        pending.count(),
+        10,
+        "every id is still there for the next worker"
+    );
+}
+
+/// Waiters that give up leave at most about a second of tokens reserved: the next
+/// request does not wait behind all of them.
+#[tokio::test]
+async fn abandoned_waiters_reserve_only_a_second_ahead() {
+    let redis = RedisServer::start();
+    let server = ChaosServer::always(Fault::Fine);
+    let limiter = Arc::new(
+        RedisRateLimiter::builder(redis.client(), "slow", quota(2, 1))
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .concurrency(20)
+        .rate_limiter(Arc::clone(&limiter))
+        .build()
+        .unwrap();
+    // 20 attempts wait for tokens at 2 a second, then are dropped: had each reserved
+    // its own, the next one would wait 10 s.
+    let batch = api.fan_out(0..20).collect_ordered();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), batch)
+            .await
+            .is_err()
+    );
+    let started = Instant::now();
+    let results = api.fan_out([100]).collect_ordered().await;
+    assert!(results[0].is_ok());
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+/// A key of the wrong type is a setting to fix: Redis refuses, and no fallback hides
+/// it.
+#[tokio::test]
+async fn a_refusal_is_not_an_outage() {
+    let redis = RedisServer::start();
+    let mut connection = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = connection
+        .hset("fanout:rate:taken", "field", 1)
+        .await
+        .unwrap();
+    let limiter = RedisRateLimiter::builder(redis.client(), "taken", quota(100, 10))
+        .fall_back_to_local(2)
+        .connect()
+        .await
+        .unwrap();
+    let server = ChaosServer::always(Fault::Fine);
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .rate_limiter(Arc::new(limiter))
+        .retry(RetryPolicy::none())
+        .build()
+        .unwrap();
+    let err = api
+        .fan_out([1])
+        .collect_ordered()
+        .await
+        .remove(0)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RateLimiter);
+    assert!(
+        err.to_string()
+            .contains("Redis refused the shared rate limit \"taken\""),
+        "{err}"
+    );
+    assert_eq!(server.requests(), 0);
 }

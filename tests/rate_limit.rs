@@ -258,3 +258,30 @@ async fn a_limiter_of_ones_own_is_asked_for_every_attempt_and_its_failures_are_r
     assert!(err.to_string().contains("the token store is down"), "{err}");
     assert_eq!(arrivals.count(), 2);
 }
+
+/// Refused attempts send nothing, so the id's deadline does not start with them: it
+/// bounds the time from the first attempt actually sent.
+#[tokio::test]
+async fn refusals_do_not_start_the_deadline() {
+    let arrivals = Arrivals::default();
+    let server = echo_server(&arrivals).await;
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&format!("{}/items/{{id}}", server.uri()))
+        .rate_limiter(Flaky::refusing(3))
+        .retry(
+            RetryPolicy::exponential()
+                .max_retries(5)
+                .initial_delay(Duration::from_millis(80))
+                .max_delay(Duration::from_millis(80))
+                .jitter(false),
+        )
+        .deadline(Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let results = api.fan_out([1]).collect_ordered().await;
+    assert!(results[0].is_ok(), "{results:?}");
+    assert_eq!(arrivals.count(), 1);
+    // Three backoffs of 80 ms, longer than the deadline, which did not end the id.
+    assert!(started.elapsed() >= Duration::from_millis(240));
+}

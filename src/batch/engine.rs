@@ -105,6 +105,13 @@ where
         }
     }
 
+    /// Admits every id, repeats too, whatever the `FanOut`'s `dedup_ids` says: for
+    /// inputs whose repeats are separate pieces of work (a queue's entries).
+    #[cfg(feature = "redis")]
+    pub(crate) fn keep_repeats(&mut self) {
+        self.seen = None;
+    }
+
     /// Makes the engine admit no new id after an error: the caller stops there.
     pub(crate) fn stop_on_error(&mut self) {
         self.stop_on_error = true;

@@ -15,22 +15,31 @@ use crate::rate::{Acquire, BoxError, RateLimit, RateLimiter, Throttle};
 
 /// The generic cell rate algorithm, as governor runs it, on the server's clock.
 ///
-/// KEYS[1] holds the theoretical arrival time (TAT) in microseconds. Every call
-/// reserves one token: it moves the TAT on by one interval and answers how many
-/// microseconds the caller must wait before it may send (0 for now). A TAT that has
-/// fallen behind the clock is brought up to it, so at most `burst` go at once after a
-/// quiet spell. The key expires when its TAT passes: a full bucket is no key.
+/// KEYS[1] holds the theoretical arrival time (TAT) in microseconds. A call reserves
+/// one token: it moves the TAT on by one interval and answers how many microseconds
+/// the caller must wait before it may send (0 for now). A TAT that has fallen behind
+/// the clock is brought up to it, so at most `burst` go at once after a quiet spell.
+/// The key expires when its TAT passes: a full bucket is no key.
+///
+/// A token is reserved only if it is due within ARGV[3] microseconds; otherwise the
+/// answer is negative, how long to wait before asking again. Tokens reserved for
+/// waiters that never send (cancelled, or on a worker that died) are so at most that
+/// far ahead, rather than every waiter's worth.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local ahead = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
 local next = tat + interval
-redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.ceil((next - now) / 1000) + 1)
 local wait = next - tolerance - now
 if wait < 0 then wait = 0 end
+if wait > ahead then
+  return -(wait - ahead)
+end
+redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.ceil((next - now) / 1000) + 1)
 return wait
 ";
 
@@ -91,6 +100,8 @@ pub struct RedisRateLimiter {
     /// The quota's interval and burst tolerance, in microseconds.
     interval_us: u64,
     tolerance_us: u64,
+    /// How far ahead a token may be reserved.
+    ahead_us: u64,
     response_timeout: Duration,
     fallback: Option<Fallback>,
 }
@@ -131,20 +142,24 @@ impl RedisRateLimiter {
         self.quota
     }
 
-    /// Reserves a token on Redis: how long to wait before sending. Bounded by the
-    /// response timeout however Redis fails: while the connection is being
-    /// re-established, a command would otherwise wait for every reconnection attempt.
-    async fn reserve(&self) -> Result<Duration, ::redis::RedisError> {
+    /// Asks Redis for a token: `Ok(wait)` if one is reserved for `wait` from now,
+    /// `Err(later)` if none is due soon enough to reserve, and Redis should be asked
+    /// again after `later`. Bounded by the response timeout however Redis fails:
+    /// while the connection is being re-established, a command would otherwise wait
+    /// for every reconnection attempt.
+    async fn reserve(&self) -> Result<Result<Duration, Duration>, ::redis::RedisError> {
         let mut connection = self.connection.clone();
         let mut call = self.script.key(&self.key);
-        call.arg(self.interval_us).arg(self.tolerance_us);
-        match tokio::time::timeout(
-            self.response_timeout,
-            call.invoke_async::<u64>(&mut connection),
-        )
-        .await
-        {
-            Ok(wait) => Ok(Duration::from_micros(wait?)),
+        call.arg(self.interval_us)
+            .arg(self.tolerance_us)
+            .arg(self.ahead_us);
+        let answer = call.invoke_async::<i64>(&mut connection);
+        match tokio::time::timeout(self.response_timeout, answer).await {
+            Ok(answer) => {
+                let answer = answer?;
+                let micros = Duration::from_micros(answer.unsigned_abs());
+                Ok(if answer >= 0 { Ok(micros) } else { Err(micros) })
+            }
             Err(_) => Err(::redis::RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("no answer within {:?}", self.response_timeout),
@@ -174,26 +189,58 @@ impl RateLimit for RedisRateLimiter {
             {
                 return fallback.take().await;
             }
-            match self.reserve().await {
-                Ok(wait) => {
-                    if let Some(fallback) = &self.fallback {
-                        fallback.recovered(&self.name);
+            loop {
+                match self.reserve().await {
+                    Ok(answer) => {
+                        if let Some(fallback) = &self.fallback {
+                            fallback.recovered(&self.name);
+                        }
+                        match answer {
+                            Ok(wait) => {
+                                if !wait.is_zero() {
+                                    tokio::time::sleep(wait).await;
+                                }
+                                return Ok(());
+                            }
+                            // Not due soon enough to reserve: ask again when it is.
+                            Err(later) => tokio::time::sleep(later).await,
+                        }
                     }
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
+                    Err(err) if !unreachable(&err) => {
+                        // A refusal (a wrong type at the key, no permission, a
+                        // read-only replica, ...) is a setting to fix, not an outage:
+                        // no fallback hides it.
+                        return Err(format!(
+                            "Redis refused the shared rate limit {:?}: {err}",
+                            self.name
+                        )
+                        .into());
                     }
-                    Ok(())
+                    Err(err) => match &self.fallback {
+                        Some(fallback) => {
+                            fallback.begin(&self.name, &err);
+                            return fallback.take().await;
+                        }
+                        None => return Err(self.unreachable(&err)),
+                    },
                 }
-                Err(err) => match &self.fallback {
-                    Some(fallback) => {
-                        fallback.begin(&self.name, &err);
-                        fallback.take().await
-                    }
-                    None => Err(self.unreachable(&err)),
-                },
             }
         })
     }
+}
+
+/// Whether a Redis error means it could not be reached (or not now), rather than
+/// that it refused the command.
+fn unreachable(err: &::redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_unrecoverable_error()
+        || matches!(
+            err.code(),
+            Some("LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN")
+        )
 }
 
 impl Fallback {
@@ -284,8 +331,9 @@ impl RedisRateLimiterBuilder {
     ///
     /// [`ErrorKind::InvalidConfig`] for an empty name, a zero response timeout or a
     /// fallback for 0 workers; [`ErrorKind::RateLimiter`] when Redis cannot be reached
-    /// and no fallback was chosen. With a fallback, an unreachable Redis is not an
-    /// error: tokens come from the fallback until Redis answers.
+    /// and no fallback was chosen, or refuses to load the script;
+    /// [`ErrorKind::Runtime`] outside a Tokio runtime. With a fallback, an unreachable
+    /// Redis is not an error: tokens come from the fallback until Redis answers.
     pub async fn connect(self) -> Result<RedisRateLimiter, Error> {
         let config = |message: &str| Error::new(ErrorKind::InvalidConfig, message);
         if self.name.is_empty() {
@@ -294,6 +342,7 @@ impl RedisRateLimiterBuilder {
         if self.response_timeout.is_zero() {
             return Err(config("response_timeout must be longer than zero"));
         }
+        super::in_runtime()?;
         let fallback = match self.workers {
             None => None,
             Some(workers) => {
@@ -315,11 +364,16 @@ impl RedisRateLimiterBuilder {
             .set_response_timeout(Some(self.response_timeout))
             .set_connection_timeout(Some(self.response_timeout))
             .set_number_of_retries(1);
-        let unreachable = |err: ::redis::RedisError| {
+        let failed = |err: ::redis::RedisError| {
+            let what = if unreachable(&err) {
+                "could not be reached"
+            } else {
+                "was refused"
+            };
             Error::new(
                 ErrorKind::RateLimiter,
                 format!(
-                    "the shared rate limit {:?} on Redis could not be reached: {err}",
+                    "the shared rate limit {:?} on Redis {what}: {err}",
                     self.name
                 ),
             )
@@ -330,24 +384,25 @@ impl RedisRateLimiterBuilder {
             match ConnectionManager::new_with_config(self.client.clone(), manager.clone()).await {
                 Ok(mut connection) => match (script.load_async(&mut connection).await, &fallback) {
                     (Ok(_), _) => connection,
-                    (Err(err), Some(fallback)) => {
+                    (Err(err), Some(fallback)) if unreachable(&err) => {
                         fallback.begin(&self.name, &err);
                         connection
                     }
-                    (Err(err), None) => return Err(unreachable(err)),
+                    (Err(err), _) => return Err(failed(err)),
                 },
                 Err(err) => match &fallback {
-                    Some(fallback) => {
+                    Some(fallback) if unreachable(&err) => {
                         fallback.begin(&self.name, &err);
                         ConnectionManager::new_lazy_with_config(self.client, manager)
-                            .map_err(unreachable)?
+                            .map_err(failed)?
                     }
-                    None => return Err(unreachable(err)),
+                    _ => return Err(failed(err)),
                 },
             };
         // Rounded up to whole microseconds: never faster than the quota.
         let micros = |d: Duration| u64::try_from(d.as_nanos().div_ceil(1_000)).unwrap_or(u64::MAX);
         let interval_us = micros(self.quota.replenish_interval());
+        let tolerance_us = interval_us.saturating_mul(u64::from(self.quota.burst_size().get()));
         Ok(RedisRateLimiter {
             connection,
             script,
@@ -355,7 +410,8 @@ impl RedisRateLimiterBuilder {
             name: self.name,
             quota: self.quota,
             interval_us,
-            tolerance_us: interval_us.saturating_mul(u64::from(self.quota.burst_size().get())),
+            tolerance_us,
+            ahead_us: tolerance_us.saturating_add(interval_us).max(1_000_000),
             response_timeout: self.response_timeout,
             fallback,
         })

@@ -1,6 +1,6 @@
 //! A crash-safe queue of ids on a Redis stream, read by any number of workers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
@@ -14,8 +14,9 @@ use ::redis::streams::{
     StreamReadOptions, StreamReadReply,
 };
 use ::redis::{AsyncCommands, Client, RedisError, Script};
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 
 use crate::FanOut;
 use crate::error::{Error, ErrorKind};
@@ -27,7 +28,7 @@ const ID_FIELD: &str = "id";
 /// How many ids one round trip pushes.
 const PUSH_CHUNK: usize = 1_000;
 
-/// How many successes are acknowledged in one round trip, at most.
+/// How many finished entries the acker takes in at a time, at most.
 const ACK_CHUNK: usize = 256;
 
 /// Acknowledges one entry, and only if that took it off the pending list (nobody
@@ -65,6 +66,13 @@ return n
 
 /// How many entries one heartbeat call touches at most (Lua's `unpack` has a limit).
 const HEARTBEAT_CHUNK: usize = 1_000;
+
+/// The bounds of the builder's durations and batch: Redis takes milliseconds as
+/// 64-bit integers, and a batch is held in memory.
+const MIN_VISIBILITY: Duration = Duration::from_millis(3);
+const MAX_VISIBILITY: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_POLL: Duration = Duration::from_secs(3600);
+const MAX_READ_BATCH: usize = 100_000;
 
 /// A queue of ids on a Redis stream, which any number of workers, in any number of
 /// processes, work through together; a worker that dies loses nothing.
@@ -162,7 +170,8 @@ pub struct WorkReport {
 pub struct DeadLetter {
     /// The dead letter's own entry id in the dead-letter stream.
     pub entry: String,
-    /// The id, as it was queued.
+    /// The id: as the worker wrote it (its `Display`), or for an entry that could not
+    /// be parsed, as it was queued.
     pub id: String,
     /// The id's entry in the queue's stream.
     pub queued_as: String,
@@ -243,8 +252,13 @@ impl RedisIdQueue {
     }
 
     /// Marks the queue as complete: workers return from [`work`](Self::work) once
-    /// every id in it has been acknowledged. Ids pushed later are still worked on by
-    /// workers that are running.
+    /// every id in it has been acknowledged. Call it after the last
+    /// [`push`](Self::push) has returned.
+    ///
+    /// The mark stays until [`reopen`](Self::reopen) or [`delete`](Self::delete): a
+    /// worker started on a closed queue returns as soon as it is empty, so a second job
+    /// on the same queue must reopen it before its workers start (or use a queue name
+    /// of its own).
     ///
     /// # Errors
     ///
@@ -255,6 +269,20 @@ impl RedisIdQueue {
             .set::<_, _, ()>(&self.keys.closed, 1)
             .await
             .map_err(|err| queue_error("closing the queue failed", err))
+    }
+
+    /// Takes the closed mark away: workers wait for ids again until the next
+    /// [`close`](Self::close).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Queue`] if Redis fails.
+    pub async fn reopen(&self) -> Result<(), Error> {
+        let mut connection = self.connection.clone();
+        connection
+            .del::<_, ()>(&self.keys.closed)
+            .await
+            .map_err(|err| queue_error("reopening the queue failed", err))
     }
 
     /// Deletes the queue: its stream, its dead letters and its closed mark. The next
@@ -280,7 +308,7 @@ impl RedisIdQueue {
     pub async fn dead_letters(&self, count: usize) -> Result<Vec<DeadLetter>, Error> {
         let mut connection = self.connection.clone();
         let reply: StreamRangeReply = connection
-            .xrange_count(&self.keys.dead, "-", "+", count)
+            .xrange_count(&self.keys.dead, "-", "+", count.min(i64::MAX as usize))
             .await
             .map_err(|err| queue_error("reading the dead letters failed", err))?;
         Ok(reply.ids.into_iter().map(DeadLetter::from_entry).collect())
@@ -301,6 +329,13 @@ impl RedisIdQueue {
     ///   id and the others it held are not acknowledged, and will be delivered again.
     /// - [`ErrorKind::Queue`] when Redis fails. Outcomes that reached the sink before
     ///   are kept; unacknowledged ids will be delivered again.
+    /// - [`ErrorKind::RateLimiter`] when an id ran out of retries waiting for a shared
+    ///   rate limiter that could not be reached. Nothing was sent for it; the worker
+    ///   stops rather than dead-letter the queue while the limiter is down, and the id
+    ///   comes again.
+    /// - [`ErrorKind::Runtime`] outside a Tokio runtime.
+    ///
+    /// The outcomes the sink took before the worker stopped are acknowledged first.
     pub async fn work<Id, T, S, Fut, E>(
         &self,
         fanout: &FanOut<Id, T>,
@@ -314,6 +349,7 @@ impl RedisIdQueue {
         Fut: Future<Output = Result<(), E>>,
         E: Into<BoxError>,
     {
+        super::in_runtime()?;
         let consumer = format!(
             "{}-{}-{:08x}",
             self.keys.consumer_prefix,
@@ -328,7 +364,7 @@ impl RedisIdQueue {
         let reads = ConnectionManager::new_with_config(
             self.client.clone(),
             ConnectionManagerConfig::new()
-                .set_response_timeout(Some(self.poll + Duration::from_secs(5)))
+                .set_response_timeout(Some(self.poll.saturating_add(Duration::from_secs(5))))
                 .set_connection_timeout(Some(Duration::from_secs(5))),
         )
         .await
@@ -343,6 +379,9 @@ impl RedisIdQueue {
                 .read_batch
                 .unwrap_or_else(|| fanout.shared().concurrency.max().clamp(16, 1_000)),
             cursor: "0-0".to_owned(),
+            closed: false,
+            next_reclaim: Instant::now(),
+            reclaim_every: (self.visibility / 4).min(self.poll),
             buffer: VecDeque::new(),
             held: Arc::clone(&held),
             counts: Arc::clone(&counts),
@@ -356,63 +395,78 @@ impl RedisIdQueue {
             Arc::clone(&held),
             self.visibility / 3,
         );
-        let ids = futures::stream::unfold(reader, |mut reader| async move {
-            reader.next().await.map(|id| (id, reader))
+        // The reader reads ahead in a task of its own, up to a batch ahead of the
+        // fan-out, so that no request waits for a read.
+        let (sender, receiver) = tokio::sync::mpsc::channel(reader.batch);
+        let _reading = AbortOnDrop(tokio::spawn(reader.run(sender)));
+        let ids = futures::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|id| (id, receiver))
         });
-        let mut done = fanout.fan_out_stream(ids).as_completed();
-        let mut acks = Acks {
-            connection: self.connection.clone(),
-            keys: Arc::clone(&self.keys),
-            entries: Vec::new(),
-            dead_letter: Script::new(DEAD_LETTER),
-        };
+        // Every entry needs its outcome, repeats of an id too: `dedup_ids` would leave
+        // a repeat pending for ever.
+        let mut done = fanout.fan_out_stream(ids).keep_repeats().as_completed();
+        // Acknowledgements go out from a task of their own, as many in a round trip as
+        // came in during the last one, so that no outcome waits for Redis.
+        let acker = Acker::start(
+            self.connection.clone(),
+            Arc::clone(&self.keys),
+            Arc::clone(&held),
+        );
         let mut report = WorkReport::default();
-        loop {
-            // Acknowledgements wait while outcomes are ready, to go in one round trip.
-            let next = match done.next().now_or_never() {
-                Some(next) => next,
-                None => {
-                    acks.flush().await?;
-                    done.next().await
-                }
-            };
-            let Some((id, result)) = next else { break };
+        let mut refused = None;
+        while let Some((id, result)) = done.next().await {
             let text = id.to_string();
+            // A shared rate limiter that stayed out of reach through every retry is not
+            // the id's failure, and nothing was sent: the worker stops and leaves the
+            // id to come again, rather than dead-letter the queue while it is down.
+            if let Err(err) = &result
+                && err.kind() == ErrorKind::RateLimiter
+            {
+                refused = result.err();
+                break;
+            }
+            // The entry stays refreshed until it is acknowledged, however long the
+            // sink and the acknowledgement take.
             let entry = held
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .take(&text);
+                .finishing(&text);
             let letter = result.as_ref().err().map(|err| letter_of(&text, err));
             if let Err(err) = sink(id, result).await {
                 let err = err.into();
-                return Err(Error::new(
-                    ErrorKind::Sink,
-                    format!("the sink refused the outcome of id {text:?}: {err}"),
-                )
-                .with_source(err)
-                .with_id_text(text));
+                refused = Some(
+                    Error::new(
+                        ErrorKind::Sink,
+                        format!("the sink refused the outcome of id {text:?}: {err}"),
+                    )
+                    .with_source(err)
+                    .with_id_text(text),
+                );
+                break;
             }
             let Some(entry) = entry else {
                 // Every id the stream gave has an entry; nothing else reaches here.
                 tracing::warn!(id = %text, "an outcome for an id this worker did not read");
                 continue;
             };
-            match letter {
+            let ack = match letter {
                 None => {
                     report.succeeded += 1;
-                    acks.entries.push(entry);
-                    if acks.entries.len() >= ACK_CHUNK {
-                        acks.flush().await?;
-                    }
+                    Ack::Done(entry)
                 }
-                Some(letter) => {
-                    if acks.dead_letter(&entry, letter).await? {
-                        report.dead_lettered += 1;
-                    }
-                }
+                Some(letter) => Ack::Failed(entry, letter),
+            };
+            if !acker.send(ack) {
+                break; // the acker failed: its error is returned below
             }
         }
-        acks.flush().await?;
+        // The outcomes the sink took before a refusal or a failure are acknowledged
+        // all the same; the ids still in flight are not, and will come again.
+        drop(done);
+        report.dead_lettered = acker.finish().await?;
+        if let Some(err) = refused {
+            return Err(err);
+        }
         if let Some(err) = failure
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -514,25 +568,41 @@ impl RedisIdQueueBuilder {
     /// # Errors
     ///
     /// [`ErrorKind::InvalidConfig`] for an empty name or group, a visibility timeout
-    /// under 3 ms, a zero poll interval or read batch; [`ErrorKind::Queue`] when Redis
-    /// cannot be reached or refuses.
+    /// outside 3 ms to 7 days, a poll interval outside 1 ms to 1 hour, a read batch
+    /// outside 1 to 100,000, or a dead-letter stream named like the queue;
+    /// [`ErrorKind::Queue`] when Redis cannot be reached or refuses;
+    /// [`ErrorKind::Runtime`] outside a Tokio runtime.
     pub async fn build(self) -> Result<RedisIdQueue, Error> {
         let config = |message: &str| Error::new(ErrorKind::InvalidConfig, message);
         if self.name.is_empty() || self.group.is_empty() {
             return Err(config("the queue needs a name and a group"));
         }
-        if self.visibility < Duration::from_millis(3) {
+        if !(MIN_VISIBILITY..=MAX_VISIBILITY).contains(&self.visibility) {
             return Err(config(
-                "visibility_timeout must be at least 3 ms; workers refresh their ids \
-                 every third of it",
+                "visibility_timeout must be from 3 ms (workers refresh their ids every \
+                 third of it) to 7 days",
             ));
         }
-        if self.poll.is_zero() {
-            return Err(config("poll_interval must be longer than zero"));
+        if !(Duration::from_millis(1)..=MAX_POLL).contains(&self.poll) {
+            return Err(config(
+                "poll_interval must be from 1 ms (Redis blocks in whole milliseconds) to \
+                 1 hour",
+            ));
         }
-        if self.read_batch == Some(0) {
-            return Err(config("read_batch must be at least 1"));
+        if self
+            .read_batch
+            .is_some_and(|ids| !(1..=MAX_READ_BATCH).contains(&ids))
+        {
+            return Err(config("read_batch must be from 1 to 100,000 ids"));
         }
+        let dead = self.dead.unwrap_or_else(|| format!("{}:dead", self.name));
+        let closed = format!("{}:closed", self.name);
+        if dead == self.name || dead == closed {
+            return Err(config(
+                "the dead-letter stream must not be the queue's stream or its closed mark",
+            ));
+        }
+        super::in_runtime()?;
         let mut connection = ConnectionManager::new_with_config(
             self.client.clone(),
             ConnectionManagerConfig::new()
@@ -550,8 +620,8 @@ impl RedisIdQueueBuilder {
             Err(err) => return Err(queue_error("creating the consumer group failed", err)),
         }
         let keys = Keys {
-            dead: self.dead.unwrap_or_else(|| format!("{}:dead", self.name)),
-            closed: format!("{}:closed", self.name),
+            dead,
+            closed,
             stream: self.name,
             group: self.group,
             consumer_prefix: self.consumer_prefix,
@@ -580,11 +650,13 @@ impl fmt::Debug for RedisIdQueueBuilder {
     }
 }
 
-/// The entries this worker has read and not yet finished: in its buffer or in
-/// flight, keyed by the id's text. (The same id queued twice has two entries.)
+/// The entries this worker has read and not yet acknowledged: waiting or in flight,
+/// keyed by the id's text (the same id queued twice has two entries), and finishing
+/// (with the sink or waiting to be acknowledged). The heartbeat refreshes them all.
 #[derive(Default)]
 struct Held {
     by_id: HashMap<String, VecDeque<String>>,
+    finishing: HashSet<String>,
 }
 
 impl Held {
@@ -592,18 +664,27 @@ impl Held {
         self.by_id.entry(id).or_default().push_back(entry);
     }
 
-    /// The entry an outcome for `id` finishes.
-    fn take(&mut self, id: &str) -> Option<String> {
+    /// The entry an outcome for `id` finishes, from now on finishing.
+    fn finishing(&mut self, id: &str) -> Option<String> {
         let entries = self.by_id.get_mut(id)?;
         let entry = entries.pop_front();
         if entries.is_empty() {
             self.by_id.remove(id);
         }
+        if let Some(entry) = &entry {
+            self.finishing.insert(entry.clone());
+        }
         entry
     }
 
+    /// Acknowledged: nothing more to refresh.
+    fn finished(&mut self, entry: &str) {
+        self.finishing.remove(entry);
+    }
+
     fn entries(&self) -> Vec<String> {
-        self.by_id.values().flatten().cloned().collect()
+        let waiting = self.by_id.values().flatten();
+        waiting.chain(&self.finishing).cloned().collect()
     }
 }
 
@@ -624,6 +705,11 @@ struct Reader<Id> {
     batch: usize,
     /// Where the next `XAUTOCLAIM` goes on scanning the pending entries.
     cursor: String,
+    /// Whether the queue was closed, as last read (it stays closed).
+    closed: bool,
+    /// When to look next for ids to reclaim, and how often.
+    next_reclaim: Instant,
+    reclaim_every: Duration,
     buffer: VecDeque<Id>,
     held: Arc<Mutex<Held>>,
     counts: Arc<Counts>,
@@ -636,17 +722,21 @@ where
     Id: FromStr + fmt::Display,
     Id::Err: fmt::Display,
 {
-    async fn next(&mut self) -> Option<Id> {
+    /// Reads ids and hands them to the fan-out until the queue is done, Redis fails
+    /// (the error is kept for `work` to return) or the fan-out is gone.
+    async fn run(mut self, ids: tokio::sync::mpsc::Sender<Id>) {
         loop {
-            if let Some(id) = self.buffer.pop_front() {
-                return Some(id);
+            while let Some(id) = self.buffer.pop_front() {
+                if ids.send(id).await.is_err() {
+                    return;
+                }
             }
             match self.fill().await {
                 Ok(true) => {}
-                Ok(false) => return None,
+                Ok(false) => return,
                 Err(err) => {
                     *self.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
-                    return None;
+                    return;
                 }
             }
         }
@@ -655,30 +745,50 @@ where
     /// Reads more entries; `false` when the queue is done.
     async fn fill(&mut self) -> Result<bool, Error> {
         let keys = Arc::clone(&self.keys);
-        let reclaimed: StreamAutoClaimReply = self
-            .connection
-            .xautoclaim_options(
-                &keys.stream,
-                &keys.group,
-                &self.consumer,
-                self.visibility_ms,
-                &self.cursor,
-                StreamAutoClaimOptions::default().count(self.batch),
-            )
-            .await
-            .map_err(|err| queue_error("reclaiming ids failed", err))?;
-        self.cursor = reclaimed.next_stream_id;
-        if !reclaimed.claimed.is_empty() {
-            let n = reclaimed.claimed.len() as u64;
-            tracing::info!(entries = n, "reclaimed ids from a worker not heard of");
-            self.counts.reclaimed.fetch_add(n, Ordering::Relaxed);
-            self.accept(reclaimed.claimed).await?;
-            return Ok(true);
+        // Whether the queue is closed is read before the read for entries: every id
+        // pushed before it was closed is then in the stream when the read looks.
+        // (Read after, a push and close between the two would end every worker with
+        // those ids unread.)
+        if !self.closed {
+            self.closed = self
+                .connection
+                .exists(&keys.closed)
+                .await
+                .map_err(|err| queue_error("reading the queue's state failed", err))?;
         }
-        let options = StreamReadOptions::default()
+        // A dead worker's ids become free only after the visibility timeout: looking
+        // for them once in a while is enough, not on every read.
+        if Instant::now() >= self.next_reclaim {
+            let reclaimed: StreamAutoClaimReply = self
+                .connection
+                .xautoclaim_options(
+                    &keys.stream,
+                    &keys.group,
+                    &self.consumer,
+                    self.visibility_ms,
+                    &self.cursor,
+                    StreamAutoClaimOptions::default().count(self.batch),
+                )
+                .await
+                .map_err(|err| queue_error("reclaiming ids failed", err))?;
+            self.cursor = reclaimed.next_stream_id;
+            if !reclaimed.claimed.is_empty() {
+                let n = reclaimed.claimed.len() as u64;
+                tracing::info!(entries = n, "reclaimed ids from a worker not heard of");
+                self.counts.reclaimed.fetch_add(n, Ordering::Relaxed);
+                self.accept(reclaimed.claimed).await?;
+                return Ok(true); // and look again next time: there may be more
+            }
+            // The scan goes on from its cursor next time.
+            self.next_reclaim = Instant::now() + self.reclaim_every;
+        }
+        let mut options = StreamReadOptions::default()
             .group(&keys.group, &self.consumer)
-            .count(self.batch)
-            .block(usize::try_from(self.poll_ms).unwrap_or(usize::MAX));
+            .count(self.batch);
+        if !self.closed {
+            // Nothing new may come yet: wait for it on the server.
+            options = options.block(usize::try_from(self.poll_ms).unwrap_or(usize::MAX));
+        }
         let read: Option<StreamReadReply> = self
             .connection
             .xread_options(&[&keys.stream], &[">"], &options)
@@ -693,21 +803,21 @@ where
             self.accept(entries).await?;
             return Ok(true);
         }
-        Ok(!self.done().await?)
-    }
-
-    /// Whether the queue is closed and no other worker holds an id (one that dies
-    /// holding some would leave them to be reclaimed).
-    async fn done(&mut self) -> Result<bool, Error> {
-        let keys = Arc::clone(&self.keys);
-        let closed: bool = self
-            .connection
-            .exists(&keys.closed)
-            .await
-            .map_err(|err| queue_error("reading the queue's state failed", err))?;
-        if !closed {
+        if !self.closed {
+            return Ok(true);
+        }
+        if self.others_done().await? {
             return Ok(false);
         }
+        // Closed, but another worker holds ids, which come back here if it dies.
+        tokio::time::sleep(Duration::from_millis(self.poll_ms)).await;
+        Ok(true)
+    }
+
+    /// Whether no other worker holds an id (one that dies holding some would leave
+    /// them to be reclaimed).
+    async fn others_done(&mut self) -> Result<bool, Error> {
+        let keys = Arc::clone(&self.keys);
         let pending: StreamPendingReply = self
             .connection
             .xpending(&keys.stream, &keys.group)
@@ -769,37 +879,88 @@ where
     }
 }
 
-/// Acknowledgements on their way.
-struct Acks {
-    connection: ConnectionManager,
-    keys: Arc<Keys>,
-    /// Successes not yet acknowledged.
-    entries: Vec<String>,
-    dead_letter: Script,
+/// What the acker is asked to do with a finished entry.
+enum Ack {
+    /// Acknowledge it.
+    Done(String),
+    /// Acknowledge it and write its dead letter, atomically.
+    Failed(String, Letter),
 }
 
-impl Acks {
-    async fn flush(&mut self) -> Result<(), Error> {
-        if self.entries.is_empty() {
-            return Ok(());
+/// The task that acknowledges finished entries; aborted when dropped.
+struct Acker {
+    sender: tokio::sync::mpsc::UnboundedSender<Ack>,
+    task: AbortOnDrop<Result<u64, Error>>,
+}
+
+impl Acker {
+    fn start(mut connection: ConnectionManager, keys: Arc<Keys>, held: Arc<Mutex<Held>>) -> Self {
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let script = Script::new(DEAD_LETTER);
+            let mut dead_lettered = 0;
+            let mut batch = Vec::new();
+            let mut done = Vec::new();
+            while receiver.recv_many(&mut batch, ACK_CHUNK).await > 0 {
+                for ack in batch.drain(..) {
+                    match ack {
+                        Ack::Done(entry) => done.push(entry),
+                        Ack::Failed(entry, letter) => {
+                            let added =
+                                dead_letter(&mut connection, &script, &keys, &entry, letter)
+                                    .await?;
+                            dead_lettered += u64::from(added);
+                            held.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .finished(&entry);
+                        }
+                    }
+                }
+                if !done.is_empty() {
+                    connection
+                        .xack::<_, _, _, ()>(&keys.stream, &keys.group, &done)
+                        .await
+                        .map_err(|err| queue_error("acknowledging ids failed", err))?;
+                    let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
+                    for entry in done.drain(..) {
+                        held.finished(&entry);
+                    }
+                }
+            }
+            Ok(dead_lettered)
+        });
+        Acker {
+            sender,
+            task: AbortOnDrop(task),
         }
-        self.connection
-            .xack::<_, _, _, ()>(&self.keys.stream, &self.keys.group, &self.entries)
-            .await
-            .map_err(|err| queue_error("acknowledging ids failed", err))?;
-        self.entries.clear();
-        Ok(())
     }
 
-    async fn dead_letter(&mut self, entry: &str, letter: Letter) -> Result<bool, Error> {
-        dead_letter(
-            &mut self.connection,
-            &self.dead_letter,
-            &self.keys,
-            entry,
-            letter,
-        )
-        .await
+    /// Hands an entry over; `false` if the acker has stopped on an error.
+    fn send(&self, ack: Ack) -> bool {
+        self.sender.send(ack).is_ok()
+    }
+
+    /// Waits until everything handed over is acknowledged; how many dead letters
+    /// were written.
+    async fn finish(self) -> Result<u64, Error> {
+        let Acker { sender, mut task } = self;
+        drop(sender);
+        match (&mut task.0).await {
+            Ok(result) => result,
+            Err(err) => Err(Error::new(
+                ErrorKind::Queue,
+                format!("the acknowledging task failed: {err}"),
+            )),
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -872,7 +1033,9 @@ impl DeadLetter {
 
 /// Refreshes this worker's entries every third of the visibility timeout, until it
 /// is dropped.
-struct Heartbeat(tokio::task::JoinHandle<()>);
+struct Heartbeat {
+    _task: AbortOnDrop<()>,
+}
 
 impl Heartbeat {
     fn start(
@@ -882,7 +1045,7 @@ impl Heartbeat {
         held: Arc<Mutex<Held>>,
         every: Duration,
     ) -> Self {
-        Heartbeat(tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let script = Script::new(HEARTBEAT);
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -904,13 +1067,10 @@ impl Heartbeat {
                     }
                 }
             }
-        }))
-    }
-}
-
-impl Drop for Heartbeat {
-    fn drop(&mut self) {
-        self.0.abort();
+        });
+        Heartbeat {
+            _task: AbortOnDrop(task),
+        }
     }
 }
 

@@ -124,10 +124,10 @@ fn attempts<T>(
                 let slot = match slot {
                     Ok(slot) => slot,
                     // A shared rate limiter out of reach: the attempt fails unsent, and is
-                    // retried as a transient failure.
+                    // retried as a transient failure. Nothing was sent, so neither the
+                    // deadline nor `max_elapsed` starts counting.
                     Err(err) if err.kind() == ErrorKind::RateLimiter => {
                         made = made.saturating_add(1);
-                        first_sent.get_or_insert_with(Instant::now);
                         break 'attempt Failure::new(err.with_url(url.clone()), true);
                     }
                     Err(err) => break 'id Err(err),
