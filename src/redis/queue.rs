@@ -74,6 +74,9 @@ const MAX_VISIBILITY: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_POLL: Duration = Duration::from_secs(3600);
 const MAX_READ_BATCH: usize = 100_000;
 
+/// How often a worker with nothing left to read looks whether the others are done.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
 /// A queue of ids on a Redis stream, which any number of workers, in any number of
 /// processes, work through together; a worker that dies loses nothing.
 ///
@@ -809,8 +812,9 @@ where
         if self.others_done().await? {
             return Ok(false);
         }
-        // Closed, but another worker holds ids, which come back here if it dies.
-        tokio::time::sleep(Duration::from_millis(self.poll_ms)).await;
+        // Closed, but another worker holds ids: look again soon, as the last of them
+        // are likely to be finishing (and they come back here if it dies).
+        tokio::time::sleep(Duration::from_millis(self.poll_ms).min(DRAIN_POLL)).await;
         Ok(true)
     }
 
