@@ -125,6 +125,14 @@
 //! with [`FanOut::list_ids`] or page by page into the detail requests with
 //! [`FanOut::fan_out_listed`], following its [`Pagination`].
 //!
+//! # More than one machine
+//!
+//! With the `redis` feature, any number of workers share one quota
+//! (`redis::RedisRateLimiter`, passed to [`FanOutBuilder::rate_limiter`]) and work
+//! through one queue of ids that loses nothing when a worker dies
+//! (`redis::RedisIdQueue`). Without Redis, [`shard`] splits a static list of ids between
+//! workers. `docs/fleet.md` covers deployment.
+//!
 //! # Choosing an output
 //!
 //! See [`Batch`]: [`collect_ordered`](Batch::collect_ordered),
