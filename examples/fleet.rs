@@ -106,7 +106,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // A quarter of the way through, worker 0 dies without a word.
-    while done.load(Ordering::Relaxed) < ids / 4 {
+    while done.load(Ordering::Relaxed) < ids / 4 && !tasks.iter().any(|task| task.is_finished()) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tasks[0].abort();

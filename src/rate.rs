@@ -106,8 +106,8 @@ pub(crate) enum Throttle {
         queued: AtomicUsize,
     },
     /// Any other limiter: each attempt asks it on its own, and it decides the order.
-    /// (A `RedisRateLimiter` reserves each waiter its own time, so nobody wakes in
-    /// vain.)
+    /// (A `RedisRateLimiter` gives each waiter near its turn a time of its own, and
+    /// queues the rest itself.)
     Other(Arc<dyn RateLimit>),
 }
 

@@ -42,3 +42,24 @@ fn in_runtime() -> Result<(), Error> {
         )),
     }
 }
+
+/// Whether a Redis error means it could not be reached (or not now), rather than
+/// that it refused the command.
+fn unreachable(err: &::redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_unrecoverable_error()
+        || matches!(
+            err.code(),
+            Some("LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN")
+        )
+}
+
+/// Whether `err` is a Redis failure that may pass: Redis out of reach for now.
+fn passing(err: &Error) -> bool {
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<::redis::RedisError>())
+        .is_some_and(unreachable)
+}

@@ -296,8 +296,8 @@ async fn queue(redis: &RedisServer, name: &str, visibility: Duration) -> Arc<Red
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_worker_keeps_ids_that_outlast_the_visibility_timeout() {
     let redis = RedisServer::start();
-    let server = ChaosServer::always(Fault::Slow(Duration::from_millis(1_000)));
-    let queue = queue(&redis, "slow", Duration::from_millis(300)).await;
+    let server = ChaosServer::always(Fault::Slow(Duration::from_millis(1_500)));
+    let queue = queue(&redis, "slow", Duration::from_millis(600)).await;
     let api = FanOut::<u32, Item>::builder()
         .detail_url(&server.template())
         .concurrency(4)
@@ -468,7 +468,7 @@ async fn repeated_ids_each_get_an_outcome_even_with_dedup() {
 async fn a_slow_sink_keeps_its_ids() {
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
-    let queue = queue(&redis, "slow-sink", Duration::from_millis(300)).await;
+    let queue = queue(&redis, "slow-sink", Duration::from_millis(600)).await;
     queue.push(0..6_u32).await.unwrap();
     queue.close().await.unwrap();
     let api = FanOut::<u32, Item>::builder()
@@ -483,7 +483,7 @@ async fn a_slow_sink_keeps_its_ids() {
                 queue
                     .work(&api, |id: u32, _| {
                         sunk.lock().unwrap().push(id);
-                        tokio::time::sleep(Duration::from_millis(400))
+                        tokio::time::sleep(Duration::from_millis(800))
                             .then(|()| async { Ok::<(), std::io::Error>(()) })
                     })
                     .await
@@ -646,4 +646,106 @@ async fn a_refusal_is_not_an_outage() {
         "{err}"
     );
     assert_eq!(server.requests(), 0);
+}
+
+/// How many times Redis ran the scripts (the limiter's among them) so far.
+async fn script_calls(redis: &RedisServer) -> u64 {
+    let mut connection = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let stats: String = fanout::redis::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            line.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Waiters too far back to be given a time queue in their process: only the first
+/// asks Redis again, so a crowd of them does not poll Redis once per interval each.
+#[tokio::test]
+async fn a_crowd_of_waiters_does_not_flood_redis() {
+    let redis = RedisServer::start();
+    let server = ChaosServer::always(Fault::Fine);
+    let limiter = RedisRateLimiter::builder(redis.client(), "crowd", quota(10, 1))
+        .connect()
+        .await
+        .unwrap();
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .concurrency(40)
+        .rate_limiter(Arc::new(limiter))
+        .build()
+        .unwrap();
+    let before = script_calls(&redis).await;
+    let started = Instant::now();
+    let results = api.fan_out(0..25).collect_ordered().await;
+    assert!(results.iter().all(Result::is_ok));
+    let took = started.elapsed();
+    let calls = script_calls(&redis).await - before;
+    // 25 tokens at 10/s: 2.4 s. Each of the 25 asks once at first; those within a
+    // second get their time, the rest queue, and the first of them asks again every
+    // 100 ms: about 25 + 25 + 24. Had every waiter asked every 100 ms, about 250.
+    assert!(took >= Duration::from_millis(2_300), "took {took:?}");
+    assert!(calls <= 90, "{calls} script calls for 25 tokens");
+    eprintln!("{calls} script calls for 25 tokens in {took:?}");
+}
+
+/// A worker rides out Redis dropping its connections (as in a restart or a failover):
+/// it tries again, and every id still ends in the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_rides_out_dropped_connections() {
+    let redis = RedisServer::start();
+    let server = ChaosServer::always(Fault::Slow(Duration::from_millis(20)));
+    let queue = queue(&redis, "dropped", Duration::from_secs(5)).await;
+    queue.push(0..400_u32).await.unwrap();
+    queue.close().await.unwrap();
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .concurrency(16)
+        .build()
+        .unwrap();
+    let sunk = Arc::new(Mutex::new(HashSet::new()));
+    let worker = {
+        let (queue, api, sunk) = (Arc::clone(&queue), api.clone(), Arc::clone(&sunk));
+        tokio::spawn(async move {
+            queue
+                .work(&api, |id: u32, result: Result<Item, fanout::Error>| {
+                    assert!(result.is_ok());
+                    sunk.lock().unwrap().insert(id);
+                    async { Ok::<(), std::io::Error>(()) }
+                })
+                .await
+        })
+    };
+    let mut admin = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Every client connection but this one.
+        let _: u64 = fanout::redis::redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    let report = worker.await.unwrap().unwrap();
+    assert_eq!(sunk.lock().unwrap().len(), 400);
+    assert!(report.succeeded <= 400);
 }

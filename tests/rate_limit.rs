@@ -285,3 +285,60 @@ async fn refusals_do_not_start_the_deadline() {
     // Three backoffs of 80 ms, longer than the deadline, which did not end the id.
     assert!(started.elapsed() >= Duration::from_millis(240));
 }
+
+/// Grants its first `grants` tokens, then refuses every one.
+#[derive(Debug)]
+struct GoesAway(std::sync::atomic::AtomicU32);
+
+impl fanout::RateLimit for GoesAway {
+    fn try_acquire(&self) -> bool {
+        false
+    }
+
+    fn acquire(&self) -> fanout::Acquire<'_> {
+        use std::sync::atomic::Ordering;
+        let granted = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        Box::pin(async move {
+            if granted {
+                Ok(())
+            } else {
+                Err(fanout::BoxError::from("the token store went away"))
+            }
+        })
+    }
+}
+
+/// An id whose deadline runs out while its limiter refuses ends with the limiter's
+/// error, not a timeout: a work queue must not take it for the id's own failure.
+#[tokio::test]
+async fn a_deadline_passing_while_the_limiter_refuses_keeps_the_limiters_error() {
+    let server = MockServer::start().await;
+    Mock::given(path_regex("^/items/"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&server)
+        .await;
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&format!("{}/items/{{id}}", server.uri()))
+        .rate_limiter(Arc::new(GoesAway(1.into())))
+        .retry(
+            RetryPolicy::exponential()
+                .max_retries(5)
+                .initial_delay(Duration::from_millis(80))
+                .max_delay(Duration::from_millis(80))
+                .jitter(false),
+        )
+        .deadline(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let err = api
+        .fan_out([1])
+        .collect_ordered()
+        .await
+        .remove(0)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RateLimiter, "{err}");
+    assert!(err.to_string().contains("deadline"), "{err}");
+}

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, Script};
 use tokio::time::Instant;
 
+use super::unreachable;
 use crate::Quota;
 use crate::error::{Error, ErrorKind};
 use crate::rate::{Acquire, BoxError, RateLimit, RateLimiter, Throttle};
@@ -52,10 +54,12 @@ const FALLBACK_SPELL: Duration = Duration::from_secs(1);
 /// keep one process.
 ///
 /// It is governor's algorithm (GCRA) in one atomic Lua script, on the Redis server's
-/// clock, so the workers' clocks do not matter. Each token costs one round trip, and
-/// each waiting attempt is given its own time to send rather than polling, so waiters
-/// neither wake in vain nor starve one another: tokens go out in the order they were
-/// asked for, across all processes.
+/// clock, so the workers' clocks do not matter. Each token costs one round trip: a
+/// waiting attempt whose token is due within a second (or a burst and an interval,
+/// if longer) is given its own time and sleeps until then, without polling. Waiters
+/// further back queue in their process, and only the first of them asks Redis again,
+/// once per interval; so tokens reserved for waiters that never send are at most a
+/// second's worth, and a crowd of waiters does not flood Redis.
 ///
 /// Pass it to [`FanOutBuilder::rate_limiter`](crate::FanOutBuilder::rate_limiter):
 ///
@@ -104,6 +108,8 @@ pub struct RedisRateLimiter {
     ahead_us: u64,
     response_timeout: Duration,
     fallback: Option<Fallback>,
+    /// Where this process's waiters that are too far back queue; see `acquire`.
+    line: tokio::sync::Mutex<()>,
 }
 
 /// The local limiter used while Redis is unreachable, by choice.
@@ -112,6 +118,22 @@ struct Fallback {
     workers: NonZeroU32,
     /// Until when the fallback hands out tokens without asking Redis.
     until: Mutex<Option<Instant>>,
+    /// Whether a waiter is asking Redis whether it is back.
+    probing: AtomicBool,
+}
+
+enum Route<'a> {
+    Redis(Option<Probe<'a>>),
+    Local,
+}
+
+/// The one waiter asking Redis whether it is back, until dropped.
+struct Probe<'a>(&'a AtomicBool);
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl RedisRateLimiter {
@@ -184,11 +206,19 @@ impl RateLimit for RedisRateLimiter {
 
     fn acquire(&self) -> Acquire<'_> {
         Box::pin(async move {
-            if let Some(fallback) = &self.fallback
-                && fallback.active()
-            {
-                return fallback.take().await;
-            }
+            // While Redis is away (by choice of a fallback), one waiter at a time asks
+            // it again; the others take local tokens meanwhile.
+            let _probe = match &self.fallback {
+                Some(fallback) => match fallback.route() {
+                    Route::Local => return fallback.take().await,
+                    Route::Redis(probe) => probe,
+                },
+                None => None,
+            };
+            // Held by the first waiter of this process that is too far back to be
+            // given a time: it alone asks again, once per interval, and the others
+            // queue behind it, so that a crowd of waiters does not poll Redis.
+            let mut turn = None;
             loop {
                 match self.reserve().await {
                     Ok(answer) => {
@@ -197,13 +227,18 @@ impl RateLimit for RedisRateLimiter {
                         }
                         match answer {
                             Ok(wait) => {
+                                drop(turn);
                                 if !wait.is_zero() {
                                     tokio::time::sleep(wait).await;
                                 }
                                 return Ok(());
                             }
-                            // Not due soon enough to reserve: ask again when it is.
-                            Err(later) => tokio::time::sleep(later).await,
+                            Err(later) => match turn {
+                                // Next in line: ask again at once, the one before
+                                // may have left room.
+                                None => turn = Some(self.line.lock().await),
+                                Some(_) => tokio::time::sleep(later).await,
+                            },
                         }
                     }
                     Err(err) if !unreachable(&err) => {
@@ -219,6 +254,7 @@ impl RateLimit for RedisRateLimiter {
                     Err(err) => match &self.fallback {
                         Some(fallback) => {
                             fallback.begin(&self.name, &err);
+                            drop(turn);
                             return fallback.take().await;
                         }
                         None => return Err(self.unreachable(&err)),
@@ -229,24 +265,24 @@ impl RateLimit for RedisRateLimiter {
     }
 }
 
-/// Whether a Redis error means it could not be reached (or not now), rather than
-/// that it refused the command.
-fn unreachable(err: &::redis::RedisError) -> bool {
-    err.is_io_error()
-        || err.is_timeout()
-        || err.is_connection_dropped()
-        || err.is_connection_refusal()
-        || err.is_unrecoverable_error()
-        || matches!(
-            err.code(),
-            Some("LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN")
-        )
-}
-
 impl Fallback {
-    fn active(&self) -> bool {
+    /// Where the next token comes from: Redis, as usual or as the one waiter that
+    /// sees whether it is back; or the local limiter, while Redis is away.
+    fn route(&self) -> Route<'_> {
         let until = *self.until.lock().unwrap_or_else(PoisonError::into_inner);
-        until.is_some_and(|until| Instant::now() < until)
+        match until {
+            None => Route::Redis(None),
+            Some(until) if Instant::now() < until => Route::Local,
+            Some(_) => match self.probing.compare_exchange(
+                false,
+                true,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => Route::Redis(Some(Probe(&self.probing))),
+                Err(_) => Route::Local,
+            },
+        }
     }
 
     /// Redis failed: tokens come from here for a while.
@@ -355,6 +391,7 @@ impl RedisRateLimiterBuilder {
                     )))),
                     workers,
                     until: Mutex::new(None),
+                    probing: AtomicBool::new(false),
                 })
             }
         };
@@ -414,6 +451,7 @@ impl RedisRateLimiterBuilder {
             ahead_us: tolerance_us.saturating_add(interval_us).max(1_000_000),
             response_timeout: self.response_timeout,
             fallback,
+            line: tokio::sync::Mutex::new(()),
         })
     }
 }

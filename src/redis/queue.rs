@@ -217,7 +217,8 @@ impl RedisIdQueue {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Queue`] if Redis fails; the ids of earlier round trips are queued.
+    /// [`ErrorKind::Queue`] if Redis fails. The ids of earlier round trips are queued,
+    /// and some of the failed round trip's may be.
     pub async fn push<I>(&self, ids: I) -> Result<u64, Error>
     where
         I: IntoIterator,
@@ -231,7 +232,8 @@ impl RedisIdQueue {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Queue`] if Redis fails; the ids of earlier round trips are queued.
+    /// [`ErrorKind::Queue`] if Redis fails. The ids of earlier round trips are queued,
+    /// and some of the failed round trip's may be.
     pub async fn push_stream<S>(&self, ids: S) -> Result<u64, Error>
     where
         S: Stream,
@@ -274,8 +276,9 @@ impl RedisIdQueue {
             .map_err(|err| queue_error("closing the queue failed", err))
     }
 
-    /// Takes the closed mark away: workers wait for ids again until the next
-    /// [`close`](Self::close).
+    /// Takes the closed mark away: workers started after it wait for ids until the
+    /// next [`close`](Self::close). (Workers that saw the mark still return once the
+    /// queue is empty.)
     ///
     /// # Errors
     ///
@@ -330,13 +333,19 @@ impl RedisIdQueue {
     ///
     /// - [`ErrorKind::Sink`] when `sink` returns an error. The worker stops there; that
     ///   id and the others it held are not acknowledged, and will be delivered again.
-    /// - [`ErrorKind::Queue`] when Redis fails. Outcomes that reached the sink before
-    ///   are kept; unacknowledged ids will be delivered again.
+    /// - [`ErrorKind::Queue`] when Redis fails for longer than half the visibility
+    ///   timeout (at least a second; shorter outages are waited out). Outcomes that
+    ///   reached the sink before are kept; unacknowledged ids will be delivered again.
     /// - [`ErrorKind::RateLimiter`] when an id ran out of retries waiting for a shared
-    ///   rate limiter that could not be reached. Nothing was sent for it; the worker
-    ///   stops rather than dead-letter the queue while the limiter is down, and the id
-    ///   comes again.
+    ///   rate limiter that could not be reached (its last attempt was not sent). The
+    ///   worker stops rather than dead-letter the queue while the limiter is down, and
+    ///   the id comes again. So does [`ErrorKind::Runtime`], for an id whose runtime
+    ///   shut down.
     /// - [`ErrorKind::Runtime`] outside a Tokio runtime.
+    ///
+    /// A sink that never returns keeps its worker's ids for ever (the worker keeps
+    /// refreshing them), and other workers wait for them: bound the sink's time
+    /// yourself, say with `tokio::time::timeout`.
     ///
     /// The outcomes the sink took before the worker stopped are acknowledged first.
     pub async fn work<Id, T, S, Fut, E>(
@@ -385,6 +394,7 @@ impl RedisIdQueue {
             closed: false,
             next_reclaim: Instant::now(),
             reclaim_every: (self.visibility / 4).min(self.poll),
+            patience: Patience::new(self.visibility),
             buffer: VecDeque::new(),
             held: Arc::clone(&held),
             counts: Arc::clone(&counts),
@@ -401,7 +411,7 @@ impl RedisIdQueue {
         // The reader reads ahead in a task of its own, up to a batch ahead of the
         // fan-out, so that no request waits for a read.
         let (sender, receiver) = tokio::sync::mpsc::channel(reader.batch);
-        let _reading = AbortOnDrop(tokio::spawn(reader.run(sender)));
+        let reading = AbortOnDrop(tokio::spawn(reader.run(sender)));
         let ids = futures::stream::unfold(receiver, |mut receiver| async move {
             receiver.recv().await.map(|id| (id, receiver))
         });
@@ -414,16 +424,18 @@ impl RedisIdQueue {
             self.connection.clone(),
             Arc::clone(&self.keys),
             Arc::clone(&held),
+            Patience::new(self.visibility),
         );
         let mut report = WorkReport::default();
         let mut refused = None;
         while let Some((id, result)) = done.next().await {
             let text = id.to_string();
-            // A shared rate limiter that stayed out of reach through every retry is not
-            // the id's failure, and nothing was sent: the worker stops and leaves the
-            // id to come again, rather than dead-letter the queue while it is down.
+            // A shared rate limiter that stayed out of reach through every retry, or a
+            // runtime shutting down, is not the id's failure: the worker stops and
+            // leaves the id to come again, rather than dead-letter the queue while the
+            // trouble lasts.
             if let Err(err) = &result
-                && err.kind() == ErrorKind::RateLimiter
+                && matches!(err.kind(), ErrorKind::RateLimiter | ErrorKind::Runtime)
             {
                 refused = result.err();
                 break;
@@ -464,12 +476,18 @@ impl RedisIdQueue {
             }
         }
         // The outcomes the sink took before a refusal or a failure are acknowledged
-        // all the same; the ids still in flight are not, and will come again.
+        // all the same; the ids still in flight are not, and will come again. The
+        // reader stops first, so that it takes no more ids meanwhile.
+        drop(reading);
         drop(done);
-        report.dead_lettered = acker.finish().await?;
+        let acknowledged = acker.finish().await;
         if let Some(err) = refused {
+            if let Err(ack) = acknowledged {
+                tracing::warn!(error = %ack, "acknowledging the outcomes before the stop failed");
+            }
             return Err(err);
         }
+        report.dead_lettered = acknowledged?;
         if let Some(err) = failure
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -713,6 +731,8 @@ struct Reader<Id> {
     /// When to look next for ids to reclaim, and how often.
     next_reclaim: Instant,
     reclaim_every: Duration,
+    /// How long to wait for Redis to come back.
+    patience: Patience,
     buffer: VecDeque<Id>,
     held: Arc<Mutex<Held>>,
     counts: Arc<Counts>,
@@ -735,8 +755,9 @@ where
                 }
             }
             match self.fill().await {
-                Ok(true) => {}
+                Ok(true) => self.patience.reset(),
                 Ok(false) => return,
+                Err(err) if self.patience.again(&err).await => {}
                 Err(err) => {
                     *self.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
                     return;
@@ -874,7 +895,7 @@ where
                 error: message,
             };
             let added =
-                dead_letter(&mut self.connection, &script, &self.keys, &entry, letter).await?;
+                dead_letter(&mut self.connection, &script, &self.keys, &entry, &letter).await?;
             if added {
                 self.counts.unreadable.fetch_add(1, Ordering::Relaxed);
             }
@@ -898,7 +919,12 @@ struct Acker {
 }
 
 impl Acker {
-    fn start(mut connection: ConnectionManager, keys: Arc<Keys>, held: Arc<Mutex<Held>>) -> Self {
+    fn start(
+        mut connection: ConnectionManager,
+        keys: Arc<Keys>,
+        held: Arc<Mutex<Held>>,
+        mut patience: Patience,
+    ) -> Self {
         let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             let script = Script::new(DEAD_LETTER);
@@ -910,9 +936,18 @@ impl Acker {
                     match ack {
                         Ack::Done(entry) => done.push(entry),
                         Ack::Failed(entry, letter) => {
-                            let added =
-                                dead_letter(&mut connection, &script, &keys, &entry, letter)
-                                    .await?;
+                            // Both are idempotent: the script writes the letter only
+                            // if its acknowledgement took the entry off the list.
+                            let added = loop {
+                                match dead_letter(&mut connection, &script, &keys, &entry, &letter)
+                                    .await
+                                {
+                                    Ok(added) => break added,
+                                    Err(err) if patience.again(&err).await => {}
+                                    Err(err) => return Err(err),
+                                }
+                            };
+                            patience.reset();
                             dead_lettered += u64::from(added);
                             held.lock()
                                 .unwrap_or_else(PoisonError::into_inner)
@@ -920,14 +955,21 @@ impl Acker {
                         }
                     }
                 }
-                if !done.is_empty() {
-                    connection
+                while !done.is_empty() {
+                    match connection
                         .xack::<_, _, _, ()>(&keys.stream, &keys.group, &done)
                         .await
-                        .map_err(|err| queue_error("acknowledging ids failed", err))?;
-                    let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
-                    for entry in done.drain(..) {
-                        held.finished(&entry);
+                        .map_err(|err| queue_error("acknowledging ids failed", err))
+                    {
+                        Ok(()) => {
+                            patience.reset();
+                            let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
+                            for entry in done.drain(..) {
+                                held.finished(&entry);
+                            }
+                        }
+                        Err(err) if patience.again(&err).await => {}
+                        Err(err) => return Err(err),
                     }
                 }
             }
@@ -994,7 +1036,7 @@ async fn dead_letter(
     script: &Script,
     keys: &Keys,
     entry: &str,
-    letter: Letter,
+    letter: &Letter,
 ) -> Result<bool, Error> {
     let status = letter.status.map(|s| s.to_string()).unwrap_or_default();
     let added: u8 = script
@@ -1075,6 +1117,49 @@ impl Heartbeat {
         Heartbeat {
             _task: AbortOnDrop(task),
         }
+    }
+}
+
+/// How long a worker waits for Redis to come back (a restart, a failover) before it
+/// gives up: half the visibility timeout, and at least a second, with pauses growing
+/// from 50 ms to a second. Past it, other workers may reclaim its ids anyway.
+struct Patience {
+    limit: Duration,
+    since: Option<Instant>,
+    pause: Duration,
+}
+
+impl Patience {
+    const FIRST_PAUSE: Duration = Duration::from_millis(50);
+
+    fn new(visibility: Duration) -> Self {
+        Patience {
+            limit: (visibility / 2).max(Duration::from_secs(1)),
+            since: None,
+            pause: Self::FIRST_PAUSE,
+        }
+    }
+
+    /// After a failure: pauses and says to try again if Redis is only out of reach
+    /// and patience lasts; `false` to give up.
+    async fn again(&mut self, err: &Error) -> bool {
+        if !super::passing(err) {
+            return false;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() + self.pause > self.limit {
+            return false;
+        }
+        tracing::warn!(error = %err, "Redis is out of reach: trying again");
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(1));
+        true
+    }
+
+    /// Redis answered.
+    fn reset(&mut self) {
+        self.since = None;
+        self.pause = Self::FIRST_PAUSE;
     }
 }
 

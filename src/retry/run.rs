@@ -306,6 +306,11 @@ fn plan_retry(
         && resume >= at
     {
         let when = format!("would pass before attempt {} could start", made + 1);
+        if error.kind() == ErrorKind::RateLimiter {
+            // The limiter's failure stays the error: it is not the server's slowness,
+            // and whoever reads it (a work queue) must not take it for the id's.
+            return Err(error.with_note(format!("not retried: the deadline {when}")));
+        }
         return Err(past_deadline(shared, url.clone(), made, &when, Some(error)));
     }
     Ok((error, resume, delay))
