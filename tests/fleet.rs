@@ -749,3 +749,108 @@ async fn a_worker_rides_out_dropped_connections() {
     assert_eq!(sunk.lock().unwrap().len(), 400);
     assert!(report.succeeded <= 400);
 }
+
+/// An id that was delivered again and again and never acknowledged (every worker that
+/// took it died) is given up at the next reclaim: dead-lettered, not passed on.
+#[tokio::test]
+async fn an_id_delivered_too_often_is_given_up() {
+    use fanout::redis::redis::streams::{StreamReadOptions, StreamReadReply};
+    let redis = RedisServer::start();
+    let server = ChaosServer::always(Fault::Fine);
+    let queue = RedisIdQueue::builder(redis.client(), "poison")
+        .visibility_timeout(Duration::from_millis(100))
+        .poll_interval(Duration::from_millis(20))
+        .max_deliveries(2)
+        .build()
+        .await
+        .unwrap();
+    queue.push([7_u32, 8]).await.unwrap();
+    queue.close().await.unwrap();
+    let mut connection = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // A worker took 7 and 8 and died; another reclaimed them and died: two deliveries.
+    let options = StreamReadOptions::default()
+        .group("fanout", "ghost-1")
+        .count(10);
+    let read: Option<StreamReadReply> = connection
+        .xread_options(&["poison"], &[">"], &options)
+        .await
+        .unwrap();
+    let entries: Vec<String> = read.unwrap().keys[0]
+        .ids
+        .iter()
+        .map(|e| e.id.clone())
+        .collect();
+    assert_eq!(entries.len(), 2);
+    let _: fanout::redis::redis::Value = fanout::redis::redis::cmd("XCLAIM")
+        .arg(&["poison", "fanout", "ghost-2", "0"])
+        .arg(&entries)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .build()
+        .unwrap();
+    let mut sunk = 0;
+    let report = queue
+        .work(&api, |_, _| {
+            sunk += 1;
+            async { Ok::<(), std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    assert_eq!(sunk, 0, "given up, not fetched");
+    assert_eq!(report.too_many_deliveries, 2, "{report:?}");
+    assert_eq!(server.requests(), 0);
+    let letters = queue.dead_letters(10).await.unwrap();
+    let mut ids: Vec<&str> = letters.iter().map(|letter| letter.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["7", "8"]);
+    assert!(
+        letters
+            .iter()
+            .all(|letter| letter.kind == "TooManyDeliveries")
+    );
+    assert!(
+        letters[0].error.contains("delivered 3 times"),
+        "{letters:?}"
+    );
+}
+
+/// A worker that finished with nothing pending leaves the consumer group; the group
+/// does not fill up with finished workers.
+#[tokio::test]
+async fn a_finished_worker_leaves_the_group() {
+    use fanout::redis::redis::streams::StreamInfoConsumersReply;
+    let redis = RedisServer::start();
+    let server = ChaosServer::always(Fault::Fine);
+    let queue = queue(&redis, "leaving", Duration::from_secs(5)).await;
+    queue.push(0..10_u32).await.unwrap();
+    queue.close().await.unwrap();
+    let api = FanOut::<u32, Item>::builder()
+        .detail_url(&server.template())
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        queue
+            .work(&api, |_, _| async { Ok::<(), std::io::Error>(()) })
+            .await
+            .unwrap();
+    }
+    let mut connection = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let consumers: StreamInfoConsumersReply = connection
+        .xinfo_consumers("leaving", "fanout")
+        .await
+        .unwrap();
+    assert!(consumers.consumers.is_empty(), "{consumers:?}");
+}

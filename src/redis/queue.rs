@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::streams::{
-    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamPendingReply, StreamRangeReply,
-    StreamReadOptions, StreamReadReply,
+    StreamId, StreamPendingReply, StreamRangeReply, StreamReadOptions, StreamReadReply,
 };
 use ::redis::{AsyncCommands, Client, RedisError, Script};
 use futures::{Stream, StreamExt};
@@ -45,6 +44,54 @@ end
 return 0
 ";
 
+/// Takes over entries idle past the visibility timeout (`XAUTOCLAIM`), and gives up
+/// on those delivered more than `max_deliveries` times: they are acknowledged and
+/// dead-lettered (kind `TooManyDeliveries`) in the same step, so an id that brings
+/// down every worker that takes it is not reclaimed for ever.
+///
+/// KEYS: the stream, the dead-letter stream. ARGV: the group, the consumer, the
+/// visibility timeout in ms, the cursor, the count, `max_deliveries`. Answers the next
+/// cursor, the entries kept (as `XAUTOCLAIM` gives them) and how many were given up.
+const RECLAIM: &str = r"
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local limit = tonumber(ARGV[6])
+local kept = {}
+local given_up = 0
+for _, e in ipairs(r[2]) do
+  if e then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+    local delivered = p[1] and p[1][4] or 0
+    if delivered > limit then
+      local id = ''
+      for i = 1, #e[2], 2 do
+        if e[2][i] == 'id' then id = e[2][i + 1] end
+      end
+      if redis.call('XACK', KEYS[1], ARGV[1], e[1]) == 1 then
+        redis.call('XADD', KEYS[2], '*', 'id', id, 'queued_as', e[1],
+          'kind', 'TooManyDeliveries', 'status', '', 'attempts', 0,
+          'error', 'delivered ' .. delivered .. ' times and never acknowledged: ' ..
+            'every worker that took it stopped before it was done')
+        given_up = given_up + 1
+      end
+    else
+      kept[#kept + 1] = e
+    end
+  end
+end
+return {r[1], kept, given_up}
+";
+
+/// Removes a consumer from the group, but only if nothing is pending on it (which
+/// `XGROUP DELCONSUMER` would drop for good).
+///
+/// KEYS: the stream. ARGV: the group, the consumer.
+const LEAVE: &str = r"
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+";
+
 /// Keeps this worker's entries from being reclaimed: resets the idle time of those
 /// still pending on it (an entry another worker has taken over meanwhile is left
 /// alone).
@@ -73,6 +120,9 @@ const MIN_VISIBILITY: Duration = Duration::from_millis(3);
 const MAX_VISIBILITY: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_POLL: Duration = Duration::from_secs(3600);
 const MAX_READ_BATCH: usize = 100_000;
+
+/// How many deliveries an id gets before it is given up, unless set.
+const DEFAULT_MAX_DELIVERIES: u32 = 10;
 
 /// How often a worker with nothing left to read looks whether the others are done.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
@@ -140,6 +190,7 @@ pub struct RedisIdQueue {
     visibility: Duration,
     poll: Duration,
     read_batch: Option<usize>,
+    max_deliveries: u32,
 }
 
 /// The names the queue lives under.
@@ -165,6 +216,9 @@ pub struct WorkReport {
     /// Entries taken over from workers that were not heard of within the visibility
     /// timeout.
     pub reclaimed: u64,
+    /// Entries given up after `max_deliveries`: dead-lettered without reaching the
+    /// sink.
+    pub too_many_deliveries: u64,
 }
 
 /// One entry of the dead-letter stream: an id that failed, and why.
@@ -178,7 +232,9 @@ pub struct DeadLetter {
     pub id: String,
     /// The id's entry in the queue's stream.
     pub queued_as: String,
-    /// The [`ErrorKind`], by name (`"Status"`, `"Timeout"`, ...).
+    /// The [`ErrorKind`], by name (`"Status"`, `"Timeout"`, ...), or
+    /// `"TooManyDeliveries"` for an id given up after
+    /// [`max_deliveries`](RedisIdQueueBuilder::max_deliveries).
     pub kind: String,
     /// The HTTP status of the last answer, if the failure was one.
     pub status: Option<u16>,
@@ -200,6 +256,7 @@ impl RedisIdQueue {
             visibility: Duration::from_secs(30),
             poll: Duration::from_secs(1),
             read_batch: None,
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
         }
     }
 
@@ -395,6 +452,8 @@ impl RedisIdQueue {
             next_reclaim: Instant::now(),
             reclaim_every: (self.visibility / 4).min(self.poll),
             patience: Patience::new(self.visibility),
+            reclaim: Script::new(RECLAIM),
+            max_deliveries: self.max_deliveries,
             buffer: VecDeque::new(),
             held: Arc::clone(&held),
             counts: Arc::clone(&counts),
@@ -404,7 +463,7 @@ impl RedisIdQueue {
         let _heartbeat = Heartbeat::start(
             self.connection.clone(),
             Arc::clone(&self.keys),
-            consumer,
+            consumer.clone(),
             Arc::clone(&held),
             self.visibility / 3,
         );
@@ -497,6 +556,20 @@ impl RedisIdQueue {
         }
         report.unreadable = counts.unreadable.load(Ordering::Relaxed);
         report.reclaimed = counts.reclaimed.load(Ordering::Relaxed);
+        report.too_many_deliveries = counts.given_up.load(Ordering::Relaxed);
+        // Done, and holding nothing: leave the group, so that finished workers do not
+        // pile up in it. (Never with entries pending: they would be lost with it.)
+        let mut connection = self.connection.clone();
+        let leave = Script::new(LEAVE);
+        if let Err(err) = leave
+            .key(&self.keys.stream)
+            .arg(&self.keys.group)
+            .arg(&consumer)
+            .invoke_async::<i64>(&mut connection)
+            .await
+        {
+            tracing::warn!(error = %err, consumer, "leaving the consumer group failed");
+        }
         Ok(report)
     }
 }
@@ -524,6 +597,7 @@ pub struct RedisIdQueueBuilder {
     visibility: Duration,
     poll: Duration,
     read_batch: Option<usize>,
+    max_deliveries: u32,
 }
 
 impl RedisIdQueueBuilder {
@@ -574,6 +648,18 @@ impl RedisIdQueueBuilder {
         self
     }
 
+    /// After how many deliveries an id that was never acknowledged is given up: when
+    /// reclaimed once more, it goes to the dead letters (kind `TooManyDeliveries`)
+    /// instead of to another worker. So an id that brings down every worker that
+    /// takes it (a panic in the sink, say) is not passed around for ever. Deliveries
+    /// count each time a worker reads or reclaims the id, not each attempt at it.
+    ///
+    /// Default: 10.
+    pub fn max_deliveries(mut self, deliveries: u32) -> Self {
+        self.max_deliveries = deliveries;
+        self
+    }
+
     /// The start of each worker's consumer name, which goes on with the process id and
     /// a random number.
     ///
@@ -609,6 +695,9 @@ impl RedisIdQueueBuilder {
                 "poll_interval must be from 1 ms (Redis blocks in whole milliseconds) to \
                  1 hour",
             ));
+        }
+        if self.max_deliveries == 0 {
+            return Err(config("max_deliveries must be at least 1"));
         }
         if self
             .read_batch
@@ -654,6 +743,7 @@ impl RedisIdQueueBuilder {
             visibility: self.visibility,
             poll: self.poll,
             read_batch: self.read_batch,
+            max_deliveries: self.max_deliveries,
         })
     }
 }
@@ -667,6 +757,7 @@ impl fmt::Debug for RedisIdQueueBuilder {
             .field("visibility_timeout", &self.visibility)
             .field("poll_interval", &self.poll)
             .field("read_batch", &self.read_batch)
+            .field("max_deliveries", &self.max_deliveries)
             .finish_non_exhaustive()
     }
 }
@@ -713,6 +804,7 @@ impl Held {
 struct Counts {
     reclaimed: AtomicU64,
     unreadable: AtomicU64,
+    given_up: AtomicU64,
 }
 
 /// Where the worker's ids come from: entries reclaimed from dead workers first, then
@@ -733,6 +825,9 @@ struct Reader<Id> {
     reclaim_every: Duration,
     /// How long to wait for Redis to come back.
     patience: Patience,
+    /// The reclaiming script, and after how many deliveries it gives an id up.
+    reclaim: Script,
+    max_deliveries: u32,
     buffer: VecDeque<Id>,
     held: Arc<Mutex<Held>>,
     counts: Arc<Counts>,
@@ -783,24 +878,39 @@ where
         // A dead worker's ids become free only after the visibility timeout: looking
         // for them once in a while is enough, not on every read.
         if Instant::now() >= self.next_reclaim {
-            let reclaimed: StreamAutoClaimReply = self
-                .connection
-                .xautoclaim_options(
-                    &keys.stream,
-                    &keys.group,
-                    &self.consumer,
-                    self.visibility_ms,
-                    &self.cursor,
-                    StreamAutoClaimOptions::default().count(self.batch),
-                )
+            let mut call = self.reclaim.key(&keys.stream);
+            call.key(&keys.dead)
+                .arg(&keys.group)
+                .arg(&self.consumer)
+                .arg(self.visibility_ms)
+                .arg(&self.cursor)
+                .arg(self.batch)
+                .arg(self.max_deliveries);
+            let (cursor, kept, given_up): (String, Vec<RawEntry>, u64) = call
+                .invoke_async(&mut self.connection)
                 .await
                 .map_err(|err| queue_error("reclaiming ids failed", err))?;
-            self.cursor = reclaimed.next_stream_id;
-            if !reclaimed.claimed.is_empty() {
-                let n = reclaimed.claimed.len() as u64;
+            self.cursor = cursor;
+            let found = !kept.is_empty() || given_up > 0;
+            if given_up > 0 {
+                tracing::warn!(
+                    entries = given_up,
+                    max_deliveries = self.max_deliveries,
+                    "dead-lettered ids delivered too often",
+                );
+                self.counts.given_up.fetch_add(given_up, Ordering::Relaxed);
+            }
+            if !kept.is_empty() {
+                let n = kept.len() as u64;
                 tracing::info!(entries = n, "reclaimed ids from a worker not heard of");
                 self.counts.reclaimed.fetch_add(n, Ordering::Relaxed);
-                self.accept(reclaimed.claimed).await?;
+                let entries = kept
+                    .into_iter()
+                    .map(|(entry, fields)| (entry, id_field(fields)))
+                    .collect();
+                self.accept(entries).await?;
+            }
+            if found {
                 return Ok(true); // and look again next time: there may be more
             }
             // The scan goes on from its cursor next time.
@@ -818,10 +928,14 @@ where
             .xread_options(&[&keys.stream], &[">"], &options)
             .await
             .map_err(|err| queue_error("reading ids failed", err))?;
-        let entries: Vec<StreamId> = read
+        let entries: Vec<(String, Option<String>)> = read
             .into_iter()
             .flat_map(|reply| reply.keys)
             .flat_map(|key| key.ids)
+            .map(|entry| {
+                let text = entry.get(ID_FIELD);
+                (entry.id, text)
+            })
             .collect();
         if !entries.is_empty() {
             self.accept(entries).await?;
@@ -857,27 +971,27 @@ where
         })
     }
 
-    /// Takes read entries in: ids into the buffer, unparseable entries to the dead
-    /// letters.
-    async fn accept(&mut self, entries: Vec<StreamId>) -> Result<(), Error> {
+    /// Takes read entries in, each its entry id and the text of its `id` field (`None`
+    /// if it has none, or it is not UTF-8): ids into the buffer, unparseable entries to
+    /// the dead letters.
+    async fn accept(&mut self, entries: Vec<(String, Option<String>)>) -> Result<(), Error> {
         let mut unreadable = Vec::new();
         {
             let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-            for entry in entries {
-                let text: Option<String> = entry.get(ID_FIELD);
+            for (entry, text) in entries {
                 match text.as_deref().map(Id::from_str) {
                     Some(Ok(id)) => {
-                        held.put(id.to_string(), entry.id);
+                        held.put(id.to_string(), entry);
                         self.buffer.push_back(id);
                     }
                     Some(Err(err)) => {
                         let text = text.unwrap_or_default();
                         let message = format!("the queued id {text:?} cannot be parsed: {err}");
-                        unreadable.push((entry.id, text, message));
+                        unreadable.push((entry, text, message));
                     }
                     None => {
-                        let message = format!("the entry has no {ID_FIELD:?} field");
-                        unreadable.push((entry.id, String::new(), message));
+                        let message = format!("the entry has no {ID_FIELD:?} field in UTF-8");
+                        unreadable.push((entry, String::new(), message));
                     }
                 }
             }
@@ -1161,6 +1275,16 @@ impl Patience {
         self.since = None;
         self.pause = Self::FIRST_PAUSE;
     }
+}
+
+/// A stream entry as a script returns it: its id, and its fields and values in turn.
+type RawEntry = (String, Vec<Vec<u8>>);
+
+/// The text of the `id` field among an entry's field/value pairs.
+fn id_field(fields: Vec<Vec<u8>>) -> Option<String> {
+    let mut pairs = fields.chunks_exact(2);
+    let value = pairs.find(|pair| pair[0] == ID_FIELD.as_bytes())?[1].clone();
+    String::from_utf8(value).ok()
 }
 
 fn queue_error(what: &str, err: RedisError) -> Error {
