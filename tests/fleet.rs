@@ -20,6 +20,11 @@ use support::Item;
 use support::chaos::{ChaosServer, Fault};
 use support::redis::{RedisServer, free_port};
 
+/// Tests that measure time, or that depend on timeouts of a few hundred milliseconds,
+/// run one at a time, and not beside the one that loads the machine.
+static ONE_AT_A_TIME: std::sync::LazyLock<tokio::sync::Mutex<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::Mutex::new(()));
+
 fn quota(rate: u32, burst: u32) -> Quota {
     Quota::per_second(NonZeroU32::new(rate).unwrap()).allow_burst(NonZeroU32::new(burst).unwrap())
 }
@@ -39,6 +44,7 @@ fn busiest_window(times: &[Instant], width: Duration) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_share_one_quota() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
     let (rate, burst, per_worker) = (50, 5, 100_u32);
@@ -166,6 +172,7 @@ async fn redis_going_away_fails_attempts_unsent_and_they_are_retried() {
 /// worker's ids are reclaimed, and the dead letters are exactly the 404s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_loses_nothing() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let missing = |id: u32| id.is_multiple_of(97);
     let server = ChaosServer::scripted(move |id, _| match id.parse::<u32>() {
@@ -295,6 +302,7 @@ async fn queue(redis: &RedisServer, name: &str, visibility: Duration) -> Arc<Red
 /// them: it refreshes them, so the other worker, polling all along, reclaims none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_worker_keeps_ids_that_outlast_the_visibility_timeout() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Slow(Duration::from_millis(1_500)));
     let queue = queue(&redis, "slow", Duration::from_millis(600)).await;
@@ -380,6 +388,7 @@ async fn unreadable_entries_go_to_the_dead_letters() {
 /// acknowledged, and the next worker gets it.
 #[tokio::test]
 async fn a_sink_that_fails_leaves_the_id_for_another_worker() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
     let queue = queue(&redis, "picky", Duration::from_millis(200)).await;
@@ -466,6 +475,7 @@ async fn repeated_ids_each_get_an_outcome_even_with_dedup() {
 /// are refreshed until acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_sink_keeps_its_ids() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
     let queue = queue(&redis, "slow-sink", Duration::from_millis(600)).await;
@@ -578,6 +588,7 @@ async fn a_worker_stops_when_its_shared_limiter_is_gone() {
 /// request does not wait behind all of them.
 #[tokio::test]
 async fn abandoned_waiters_reserve_only_a_second_ahead() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
     let limiter = Arc::new(
@@ -678,6 +689,7 @@ async fn script_calls(redis: &RedisServer) -> u64 {
 /// asks Redis again, so a crowd of them does not poll Redis once per interval each.
 #[tokio::test]
 async fn a_crowd_of_waiters_does_not_flood_redis() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
     let limiter = RedisRateLimiter::builder(redis.client(), "crowd", quota(10, 1))
@@ -708,6 +720,7 @@ async fn a_crowd_of_waiters_does_not_flood_redis() {
 /// it tries again, and every id still ends in the sink.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_rides_out_dropped_connections() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Slow(Duration::from_millis(20)));
     let queue = queue(&redis, "dropped", Duration::from_secs(5)).await;
@@ -754,6 +767,7 @@ async fn a_worker_rides_out_dropped_connections() {
 /// took it died) is given up at the next reclaim: dead-lettered, not passed on.
 #[tokio::test]
 async fn an_id_delivered_too_often_is_given_up() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     use fanout::redis::redis::streams::{StreamReadOptions, StreamReadReply};
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
