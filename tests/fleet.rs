@@ -29,6 +29,38 @@ fn quota(rate: u32, burst: u32) -> Quota {
     Quota::per_second(NonZeroU32::new(rate).unwrap()).allow_burst(NonZeroU32::new(burst).unwrap())
 }
 
+/// A fan-out to the test server's `/items/{id}`.
+fn api(server: &ChaosServer) -> fanout::FanOutBuilder<u32, Item> {
+    FanOut::builder().detail_url(&server.template())
+}
+
+/// A connection of the test's own, to look at Redis or act on it.
+async fn connect(redis: &RedisServer) -> fanout::redis::redis::aio::MultiplexedConnection {
+    redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// One worker through the whole queue: every (id, succeeded) its sink took, sorted, and
+/// its report.
+async fn work_through(
+    queue: &RedisIdQueue,
+    api: &FanOut<u32, Item>,
+) -> (Vec<(u32, bool)>, fanout::redis::WorkReport) {
+    let mut sunk = Vec::new();
+    let report = queue
+        .work(api, |id, result: Result<Item, fanout::Error>| {
+            sunk.push((id, result.is_ok()));
+            async { Ok::<(), std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    sunk.sort_unstable();
+    (sunk, report)
+}
+
 /// The most arrivals in any window of `width`, over sorted arrival times.
 fn busiest_window(times: &[Instant], width: Duration) -> usize {
     let mut most = 0;
@@ -116,8 +148,7 @@ async fn an_unreachable_redis_is_a_clear_error_unless_a_fallback_is_chosen() {
         .await
         .unwrap();
     let server = ChaosServer::always(Fault::Fine);
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
+    let api = api(&server)
         .rate_limiter(Arc::new(limiter))
         .build()
         .unwrap();
@@ -138,8 +169,7 @@ async fn redis_going_away_fails_attempts_unsent_and_they_are_retried() {
         .await
         .unwrap();
     let server = ChaosServer::always(Fault::Fine);
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
+    let api = api(&server)
         .rate_limiter(Arc::new(limiter))
         .retry(
             RetryPolicy::exponential()
@@ -187,11 +217,7 @@ async fn a_killed_worker_loses_nothing() {
             .await
             .unwrap(),
     );
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
-        .concurrency(16)
-        .build()
-        .unwrap();
+    let api = api(&server).concurrency(16).build().unwrap();
 
     // (worker, id, succeeded) for every outcome any sink took.
     let sunk = Arc::new(Mutex::new(Vec::<(usize, u32, bool)>::new()));
@@ -230,11 +256,7 @@ async fn a_killed_worker_loses_nothing() {
     assert!(started, "the first worker never took 300 outcomes");
     first.abort();
     assert!(first.await.unwrap_err().is_cancelled());
-    let mut connection = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(&redis).await;
     let pending: StreamPendingReply = connection.xpending("players", "fanout").await.unwrap();
     assert!(pending.count() > 0, "the killed worker held ids");
 
@@ -306,11 +328,7 @@ async fn a_live_worker_keeps_ids_that_outlast_the_visibility_timeout() {
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Slow(Duration::from_millis(1_500)));
     let queue = queue(&redis, "slow", Duration::from_millis(600)).await;
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
-        .concurrency(4)
-        .build()
-        .unwrap();
+    let api = api(&server).concurrency(4).build().unwrap();
     queue.push(0..8_u32).await.unwrap();
     queue.close().await.unwrap();
     let sunk = Arc::new(Mutex::new(Vec::new()));
@@ -345,11 +363,7 @@ async fn unreadable_entries_go_to_the_dead_letters() {
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
     let queue = queue(&redis, "mixed", Duration::from_secs(5)).await;
-    let mut connection = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(&redis).await;
     let _: String = connection.xadd("mixed", "*", &[("id", "7")]).await.unwrap();
     let _: String = connection
         .xadd("mixed", "*", &[("id", "seven")])
@@ -361,19 +375,8 @@ async fn unreadable_entries_go_to_the_dead_letters() {
         .unwrap();
     queue.push([9_u32]).await.unwrap();
     queue.close().await.unwrap();
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
-        .build()
-        .unwrap();
-    let mut sunk = Vec::new();
-    let report = queue
-        .work(&api, |id, result| {
-            sunk.push((id, result.is_ok()));
-            async { Ok::<(), std::io::Error>(()) }
-        })
-        .await
-        .unwrap();
-    sunk.sort_unstable();
+    let api = api(&server).build().unwrap();
+    let (sunk, report) = work_through(&queue, &api).await;
     assert_eq!(sunk, [(7, true), (9, true)]);
     assert_eq!((report.succeeded, report.unreadable), (2, 2), "{report:?}");
     let letters = queue.dead_letters(10).await.unwrap();
@@ -394,11 +397,7 @@ async fn a_sink_that_fails_leaves_the_id_for_another_worker() {
     let queue = queue(&redis, "picky", Duration::from_millis(200)).await;
     queue.push(0..20_u32).await.unwrap();
     queue.close().await.unwrap();
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
-        .concurrency(1)
-        .build()
-        .unwrap();
+    let api = api(&server).concurrency(1).build().unwrap();
     let mut kept = Vec::new();
     let err = queue
         .work(&api, |id, _| {
@@ -443,30 +442,14 @@ async fn repeated_ids_each_get_an_outcome_even_with_dedup() {
     let queue = queue(&redis, "twice", Duration::from_secs(5)).await;
     queue.push([1_u32, 2, 1, 3, 2]).await.unwrap();
     queue.close().await.unwrap();
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
-        .dedup_ids(true)
-        .build()
-        .unwrap();
-    let mut sunk = Vec::new();
-    let report = queue
-        .work(&api, |id, result| {
-            sunk.push((id, result.is_ok()));
-            async { Ok::<(), std::io::Error>(()) }
-        })
-        .await
-        .unwrap();
-    sunk.sort_unstable();
+    let api = api(&server).dedup_ids(true).build().unwrap();
+    let (sunk, report) = work_through(&queue, &api).await;
     assert_eq!(
         sunk,
         [(1, true), (1, true), (2, true), (2, true), (3, true)]
     );
     assert_eq!(report.succeeded, 5);
-    let mut connection = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(&redis).await;
     let pending: StreamPendingReply = connection.xpending("twice", "fanout").await.unwrap();
     assert_eq!(pending.count(), 0);
 }
@@ -481,10 +464,7 @@ async fn a_slow_sink_keeps_its_ids() {
     let queue = queue(&redis, "slow-sink", Duration::from_millis(600)).await;
     queue.push(0..6_u32).await.unwrap();
     queue.close().await.unwrap();
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
-        .build()
-        .unwrap();
+    let api = api(&server).build().unwrap();
     let sunk = Arc::new(Mutex::new(Vec::new()));
     let workers: Vec<_> = (0..2)
         .map(|_| {
@@ -549,8 +529,7 @@ async fn a_worker_stops_when_its_shared_limiter_is_gone() {
         .await
         .unwrap();
     limiter_redis.kill();
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
+    let api = api(&server)
         .rate_limiter(Arc::new(limiter))
         .retry(
             RetryPolicy::exponential()
@@ -571,11 +550,7 @@ async fn a_worker_stops_when_its_shared_limiter_is_gone() {
     assert_eq!(sunk, 0);
     assert_eq!(server.requests(), 0);
     assert!(queue.dead_letters(100).await.unwrap().is_empty());
-    let mut connection = queue_redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(&queue_redis).await;
     let pending: StreamPendingReply = connection.xpending("limited", "fanout").await.unwrap();
     assert_eq!(
         pending.count(),
@@ -597,8 +572,7 @@ async fn abandoned_waiters_reserve_only_a_second_ahead() {
             .await
             .unwrap(),
     );
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
+    let api = api(&server)
         .concurrency(20)
         .rate_limiter(Arc::clone(&limiter))
         .build()
@@ -623,11 +597,7 @@ async fn abandoned_waiters_reserve_only_a_second_ahead() {
 #[tokio::test]
 async fn a_refusal_is_not_an_outage() {
     let redis = RedisServer::start();
-    let mut connection = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(&redis).await;
     let _: () = connection
         .hset("fanout:rate:taken", "field", 1)
         .await
@@ -638,8 +608,7 @@ async fn a_refusal_is_not_an_outage() {
         .await
         .unwrap();
     let server = ChaosServer::always(Fault::Fine);
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
+    let api = api(&server)
         .rate_limiter(Arc::new(limiter))
         .retry(RetryPolicy::none())
         .build()
@@ -661,11 +630,7 @@ async fn a_refusal_is_not_an_outage() {
 
 /// How many times Redis ran the scripts (the limiter's among them) so far.
 async fn script_calls(redis: &RedisServer) -> u64 {
-    let mut connection = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(redis).await;
     let stats: String = fanout::redis::redis::cmd("INFO")
         .arg("commandstats")
         .query_async(&mut connection)
@@ -696,8 +661,7 @@ async fn a_crowd_of_waiters_does_not_flood_redis() {
         .connect()
         .await
         .unwrap();
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
+    let api = api(&server)
         .concurrency(40)
         .rate_limiter(Arc::new(limiter))
         .build()
@@ -726,11 +690,7 @@ async fn a_worker_rides_out_dropped_connections() {
     let queue = queue(&redis, "dropped", Duration::from_secs(5)).await;
     queue.push(0..400_u32).await.unwrap();
     queue.close().await.unwrap();
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
-        .concurrency(16)
-        .build()
-        .unwrap();
+    let api = api(&server).concurrency(16).build().unwrap();
     let sunk = Arc::new(Mutex::new(HashSet::new()));
     let worker = {
         let (queue, api, sunk) = (Arc::clone(&queue), api.clone(), Arc::clone(&sunk));
@@ -744,11 +704,7 @@ async fn a_worker_rides_out_dropped_connections() {
                 .await
         })
     };
-    let mut admin = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut admin = connect(&redis).await;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Every client connection but this one.
@@ -780,11 +736,7 @@ async fn an_id_delivered_too_often_is_given_up() {
         .unwrap();
     queue.push([7_u32, 8]).await.unwrap();
     queue.close().await.unwrap();
-    let mut connection = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(&redis).await;
     // A worker took 7 and 8 and died; another reclaimed them and died: two deliveries.
     let options = StreamReadOptions::default()
         .group("fanout", "ghost-1")
@@ -807,10 +759,7 @@ async fn an_id_delivered_too_often_is_given_up() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
 
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
-        .build()
-        .unwrap();
+    let api = api(&server).build().unwrap();
     let mut sunk = 0;
     let report = queue
         .work(&api, |_, _| {
@@ -847,21 +796,14 @@ async fn a_finished_worker_leaves_the_group() {
     let queue = queue(&redis, "leaving", Duration::from_secs(5)).await;
     queue.push(0..10_u32).await.unwrap();
     queue.close().await.unwrap();
-    let api = FanOut::<u32, Item>::builder()
-        .detail_url(&server.template())
-        .build()
-        .unwrap();
+    let api = api(&server).build().unwrap();
     for _ in 0..2 {
         queue
             .work(&api, |_, _| async { Ok::<(), std::io::Error>(()) })
             .await
             .unwrap();
     }
-    let mut connection = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(&redis).await;
     let consumers: StreamInfoConsumersReply = connection
         .xinfo_consumers("leaving", "fanout")
         .await
