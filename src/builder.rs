@@ -19,7 +19,7 @@ use crate::event::{Event, OnEvent};
 use crate::fanout::{FanOut, Shared};
 use crate::limit::{Concurrency, Hosts, Slots};
 use crate::list::{ListSettings, Pagination};
-use crate::rate::{RateLimit, RateLimiter, Throttle};
+use crate::rate::{RateLimit, Throttle};
 use crate::redirect;
 use crate::retry::RetryPolicy;
 use crate::template::{UrlTemplate, redact_userinfo};
@@ -391,10 +391,10 @@ impl<Id, T> FanOutBuilder<Id, T> {
     }
 
     /// Takes tokens from this limiter, which others may share: other `FanOut`s (say,
-    /// other endpoints of the same API) with a [`RateLimiter`], or other processes with
+    /// other endpoints of the same API) with a [`RateLimiter`](crate::RateLimiter), or other processes with
     /// a `fanout::redis::RedisRateLimiter`. Together they stay within its quota.
     ///
-    /// Any [`RateLimit`] will do. Attempts waiting for governor's [`RateLimiter`]
+    /// Any [`RateLimit`] will do. Attempts waiting for governor's [`RateLimiter`](crate::RateLimiter)
     /// queue in front of it, so that only the first of them sleeps on it; any other
     /// limiter is asked by each attempt on its own.
     ///
@@ -644,10 +644,9 @@ impl<Id, T> FanOutBuilder<Id, T> {
                         "requests_per_second must be at least 1; leave it unset for no limit",
                     ));
                 };
-                let quota = Quota::per_second(rate);
-                Some(Throttle::new(Arc::new(RateLimiter::direct(quota))))
+                Some(Throttle::local(Quota::per_second(rate)))
             }
-            Some(Rate::Quota(quota)) => Some(Throttle::new(Arc::new(RateLimiter::direct(quota)))),
+            Some(Rate::Quota(quota)) => Some(Throttle::local(quota)),
             Some(Rate::Shared(throttle)) => Some(throttle),
         };
         if self.max_body_bytes == 0 {

@@ -112,6 +112,11 @@ pub(crate) enum Throttle {
 }
 
 impl Throttle {
+    /// A throttle on a limiter of its own for `quota`.
+    pub(crate) fn local(quota: crate::Quota) -> Self {
+        Throttle::new(Arc::new(RateLimiter::direct(quota)))
+    }
+
     /// The throttle for `limiter`: governor's gets the queue.
     pub(crate) fn new<L: RateLimit>(limiter: Arc<L>) -> Self {
         let any: Arc<dyn Any + Send + Sync> = limiter.clone();

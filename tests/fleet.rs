@@ -309,15 +309,22 @@ async fn a_killed_worker_loses_nothing() {
     assert_eq!(pending.count(), 0, "every entry is acknowledged");
 }
 
-async fn queue(redis: &RedisServer, name: &str, visibility: Duration) -> Arc<RedisIdQueue> {
-    Arc::new(
-        RedisIdQueue::builder(redis.client(), name)
-            .visibility_timeout(visibility)
-            .poll_interval(Duration::from_millis(50))
-            .build()
-            .await
-            .unwrap(),
-    )
+/// A queue polled every 50 ms, with `ids` pushed and closed.
+async fn queue(
+    redis: &RedisServer,
+    name: &str,
+    visibility: Duration,
+    ids: impl IntoIterator<Item = u32>,
+) -> Arc<RedisIdQueue> {
+    let queue = RedisIdQueue::builder(redis.client(), name)
+        .visibility_timeout(visibility)
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap();
+    queue.push(ids).await.unwrap();
+    queue.close().await.unwrap();
+    Arc::new(queue)
 }
 
 /// Ids that take longer than the visibility timeout stay with the worker that has
@@ -327,10 +334,8 @@ async fn a_live_worker_keeps_ids_that_outlast_the_visibility_timeout() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Slow(Duration::from_millis(1_500)));
-    let queue = queue(&redis, "slow", Duration::from_millis(600)).await;
+    let queue = queue(&redis, "slow", Duration::from_millis(600), 0..8).await;
     let api = api(&server).concurrency(4).build().unwrap();
-    queue.push(0..8_u32).await.unwrap();
-    queue.close().await.unwrap();
     let sunk = Arc::new(Mutex::new(Vec::new()));
     let workers: Vec<_> = (0..2)
         .map(|_| {
@@ -362,7 +367,9 @@ async fn a_live_worker_keeps_ids_that_outlast_the_visibility_timeout() {
 async fn unreadable_entries_go_to_the_dead_letters() {
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
-    let queue = queue(&redis, "mixed", Duration::from_secs(5)).await;
+    // 9 is queued and the queue closed first; the other entries join it before any
+    // worker runs.
+    let queue = queue(&redis, "mixed", Duration::from_secs(5), [9]).await;
     let mut connection = connect(&redis).await;
     let _: String = connection.xadd("mixed", "*", &[("id", "7")]).await.unwrap();
     let _: String = connection
@@ -373,8 +380,6 @@ async fn unreadable_entries_go_to_the_dead_letters() {
         .xadd("mixed", "*", &[("name", "8")])
         .await
         .unwrap();
-    queue.push([9_u32]).await.unwrap();
-    queue.close().await.unwrap();
     let api = api(&server).build().unwrap();
     let (sunk, report) = work_through(&queue, &api).await;
     assert_eq!(sunk, [(7, true), (9, true)]);
@@ -394,9 +399,7 @@ async fn a_sink_that_fails_leaves_the_id_for_another_worker() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
-    let queue = queue(&redis, "picky", Duration::from_millis(200)).await;
-    queue.push(0..20_u32).await.unwrap();
-    queue.close().await.unwrap();
+    let queue = queue(&redis, "picky", Duration::from_millis(200), 0..20).await;
     let api = api(&server).concurrency(1).build().unwrap();
     let mut kept = Vec::new();
     let err = queue
@@ -439,9 +442,7 @@ async fn a_sink_that_fails_leaves_the_id_for_another_worker() {
 async fn repeated_ids_each_get_an_outcome_even_with_dedup() {
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
-    let queue = queue(&redis, "twice", Duration::from_secs(5)).await;
-    queue.push([1_u32, 2, 1, 3, 2]).await.unwrap();
-    queue.close().await.unwrap();
+    let queue = queue(&redis, "twice", Duration::from_secs(5), [1, 2, 1, 3, 2]).await;
     let api = api(&server).dedup_ids(true).build().unwrap();
     let (sunk, report) = work_through(&queue, &api).await;
     assert_eq!(
@@ -461,9 +462,7 @@ async fn a_slow_sink_keeps_its_ids() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
-    let queue = queue(&redis, "slow-sink", Duration::from_millis(600)).await;
-    queue.push(0..6_u32).await.unwrap();
-    queue.close().await.unwrap();
+    let queue = queue(&redis, "slow-sink", Duration::from_millis(600), 0..6).await;
     let api = api(&server).build().unwrap();
     let sunk = Arc::new(Mutex::new(Vec::new()));
     let workers: Vec<_> = (0..2)
@@ -521,9 +520,7 @@ async fn a_worker_stops_when_its_shared_limiter_is_gone() {
     let queue_redis = RedisServer::start();
     let mut limiter_redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
-    let queue = queue(&queue_redis, "limited", Duration::from_secs(5)).await;
-    queue.push(0..10_u32).await.unwrap();
-    queue.close().await.unwrap();
+    let queue = queue(&queue_redis, "limited", Duration::from_secs(5), 0..10).await;
     let limiter = RedisRateLimiter::builder(limiter_redis.client(), "api", quota(100, 10))
         .connect()
         .await
@@ -687,9 +684,7 @@ async fn a_worker_rides_out_dropped_connections() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Slow(Duration::from_millis(20)));
-    let queue = queue(&redis, "dropped", Duration::from_secs(5)).await;
-    queue.push(0..400_u32).await.unwrap();
-    queue.close().await.unwrap();
+    let queue = queue(&redis, "dropped", Duration::from_secs(5), 0..400).await;
     let api = api(&server).concurrency(16).build().unwrap();
     let sunk = Arc::new(Mutex::new(HashSet::new()));
     let worker = {
@@ -793,9 +788,7 @@ async fn a_finished_worker_leaves_the_group() {
     use fanout::redis::redis::streams::StreamInfoConsumersReply;
     let redis = RedisServer::start();
     let server = ChaosServer::always(Fault::Fine);
-    let queue = queue(&redis, "leaving", Duration::from_secs(5)).await;
-    queue.push(0..10_u32).await.unwrap();
-    queue.close().await.unwrap();
+    let queue = queue(&redis, "leaving", Duration::from_secs(5), 0..10).await;
     let api = api(&server).build().unwrap();
     for _ in 0..2 {
         queue

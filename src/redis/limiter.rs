@@ -3,7 +3,7 @@
 use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::unreachable;
 use crate::Quota;
 use crate::error::{Error, ErrorKind};
-use crate::rate::{Acquire, BoxError, RateLimit, RateLimiter, Throttle};
+use crate::rate::{Acquire, BoxError, RateLimit, Throttle};
 
 /// The generic cell rate algorithm, as governor runs it, on the server's clock.
 ///
@@ -50,7 +50,7 @@ return wait
 const FALLBACK_SPELL: Duration = Duration::from_secs(1);
 
 /// A token bucket on Redis, shared by every process that names the same quota: they
-/// stay within its rate and burst together, exactly as one [`RateLimiter`] would
+/// stay within its rate and burst together, exactly as one [`RateLimiter`](crate::RateLimiter) would
 /// keep one process.
 ///
 /// It is governor's algorithm (GCRA) in one atomic Lua script, on the Redis server's
@@ -188,14 +188,6 @@ impl RedisRateLimiter {
             ))),
         }
     }
-
-    fn unreachable(&self, err: &::redis::RedisError) -> BoxError {
-        format!(
-            "the shared rate limit {:?} on Redis could not be reached: {err}",
-            self.name
-        )
-        .into()
-    }
 }
 
 impl RateLimit for RedisRateLimiter {
@@ -245,11 +237,7 @@ impl RateLimit for RedisRateLimiter {
                         // A refusal (a wrong type at the key, no permission, a
                         // read-only replica, ...) is a setting to fix, not an outage:
                         // no fallback hides it.
-                        return Err(format!(
-                            "Redis refused the shared rate limit {:?}: {err}",
-                            self.name
-                        )
-                        .into());
+                        return Err(failure(&self.name, &err).into());
                     }
                     Err(err) => match &self.fallback {
                         Some(fallback) => {
@@ -257,7 +245,7 @@ impl RateLimit for RedisRateLimiter {
                             drop(turn);
                             return fallback.take().await;
                         }
-                        None => return Err(self.unreachable(&err)),
+                        None => return Err(failure(&self.name, &err).into()),
                     },
                 }
             }
@@ -386,9 +374,7 @@ impl RedisRateLimiterBuilder {
                     config("fall_back_to_local needs the number of workers, at least 1")
                 })?;
                 Some(Fallback {
-                    throttle: Throttle::new(Arc::new(RateLimiter::direct(share(
-                        self.quota, workers,
-                    )))),
+                    throttle: Throttle::local(share(self.quota, workers)),
                     workers,
                     until: Mutex::new(None),
                     probing: AtomicBool::new(false),
@@ -402,19 +388,7 @@ impl RedisRateLimiterBuilder {
             .set_connection_timeout(Some(self.response_timeout))
             .set_number_of_retries(1);
         let failed = |err: ::redis::RedisError| {
-            let what = if unreachable(&err) {
-                "could not be reached"
-            } else {
-                "was refused"
-            };
-            Error::new(
-                ErrorKind::RateLimiter,
-                format!(
-                    "the shared rate limit {:?} on Redis {what}: {err}",
-                    self.name
-                ),
-            )
-            .with_source(err)
+            Error::new(ErrorKind::RateLimiter, failure(&self.name, &err)).with_source(err)
         };
         let script = Script::new(GCRA);
         let connection =
@@ -464,6 +438,15 @@ impl fmt::Debug for RedisRateLimiterBuilder {
             .field("fall_back_to_local", &self.workers)
             .field("response_timeout", &self.response_timeout)
             .finish_non_exhaustive()
+    }
+}
+
+/// What went wrong with the quota `name` on Redis: out of reach, or refused.
+fn failure(name: &str, err: &::redis::RedisError) -> String {
+    if unreachable(err) {
+        format!("the shared rate limit {name:?} on Redis could not be reached: {err}")
+    } else {
+        format!("Redis refused the shared rate limit {name:?}: {err}")
     }
 }
 

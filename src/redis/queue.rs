@@ -4,7 +4,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -426,8 +425,6 @@ impl RedisIdQueue {
             fastrand::u32(..)
         );
         let held = Arc::new(Mutex::new(Held::default()));
-        let counts = Arc::new(Counts::default());
-        let failure = Arc::new(Mutex::new(None));
         // Blocking reads get a connection of their own: on the shared one they would
         // hold up every acknowledgement behind them.
         let reads = ConnectionManager::new_with_config(
@@ -456,8 +453,7 @@ impl RedisIdQueue {
             max_deliveries: self.max_deliveries,
             buffer: VecDeque::new(),
             held: Arc::clone(&held),
-            counts: Arc::clone(&counts),
-            failure: Arc::clone(&failure),
+            counts: Counts::default(),
             _id: std::marker::PhantomData,
         };
         let _heartbeat = Heartbeat::start(
@@ -470,7 +466,7 @@ impl RedisIdQueue {
         // The reader reads ahead in a task of its own, up to a batch ahead of the
         // fan-out, so that no request waits for a read.
         let (sender, receiver) = tokio::sync::mpsc::channel(reader.batch);
-        let reading = AbortOnDrop(tokio::spawn(reader.run(sender)));
+        let mut reading = AbortOnDrop(tokio::spawn(reader.run(sender)));
         let ids = futures::stream::unfold(receiver, |mut receiver| async move {
             receiver.recv().await.map(|id| (id, receiver))
         });
@@ -487,7 +483,13 @@ impl RedisIdQueue {
         );
         let mut report = WorkReport::default();
         let mut refused = None;
-        while let Some((id, result)) = done.next().await {
+        // Whether every id was read and has its outcome (rather than a stop).
+        let mut drained = false;
+        loop {
+            let Some((id, result)) = done.next().await else {
+                drained = true;
+                break;
+            };
             let text = id.to_string();
             // A shared rate limiter that stayed out of reach through every retry, or a
             // runtime shutting down, is not the id's failure: the worker stops and
@@ -537,7 +539,9 @@ impl RedisIdQueue {
         // The outcomes the sink took before a refusal or a failure are acknowledged
         // all the same; the ids still in flight are not, and will come again. The
         // reader stops first, so that it takes no more ids meanwhile.
-        drop(reading);
+        if !drained {
+            reading.0.abort();
+        }
         drop(done);
         let acknowledged = acker.finish().await;
         if let Some(err) = refused {
@@ -547,16 +551,11 @@ impl RedisIdQueue {
             return Err(err);
         }
         report.dead_lettered = acknowledged?;
-        if let Some(err) = failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            return Err(err);
-        }
-        report.unreadable = counts.unreadable.load(Ordering::Relaxed);
-        report.reclaimed = counts.reclaimed.load(Ordering::Relaxed);
-        report.too_many_deliveries = counts.given_up.load(Ordering::Relaxed);
+        // The reader ended the stream: its error, if Redis failed, or its counts.
+        let counts = reading.join("reading").await?;
+        report.unreadable = counts.unreadable;
+        report.reclaimed = counts.reclaimed;
+        report.too_many_deliveries = counts.given_up;
         // Done, and holding nothing: leave the group, so that finished workers do not
         // pile up in it. (Never with entries pending: they would be lost with it.)
         let mut connection = self.connection.clone();
@@ -800,11 +799,12 @@ impl Held {
     }
 }
 
+/// What the reader did besides handing ids on, for the report.
 #[derive(Default)]
 struct Counts {
-    reclaimed: AtomicU64,
-    unreadable: AtomicU64,
-    given_up: AtomicU64,
+    reclaimed: u64,
+    unreadable: u64,
+    given_up: u64,
 }
 
 /// Where the worker's ids come from: entries reclaimed from dead workers first, then
@@ -830,8 +830,7 @@ struct Reader<Id> {
     max_deliveries: u32,
     buffer: VecDeque<Id>,
     held: Arc<Mutex<Held>>,
-    counts: Arc<Counts>,
-    failure: Arc<Mutex<Option<Error>>>,
+    counts: Counts,
     _id: std::marker::PhantomData<fn() -> Id>,
 }
 
@@ -840,23 +839,20 @@ where
     Id: FromStr + fmt::Display,
     Id::Err: fmt::Display,
 {
-    /// Reads ids and hands them to the fan-out until the queue is done, Redis fails
-    /// (the error is kept for `work` to return) or the fan-out is gone.
-    async fn run(mut self, ids: tokio::sync::mpsc::Sender<Id>) {
+    /// Reads ids and hands them to the fan-out until the queue is done or the fan-out
+    /// is gone; an error if Redis failed for good. Its counts, for the report.
+    async fn run(mut self, ids: tokio::sync::mpsc::Sender<Id>) -> Result<Counts, Error> {
         loop {
             while let Some(id) = self.buffer.pop_front() {
                 if ids.send(id).await.is_err() {
-                    return;
+                    return Ok(self.counts);
                 }
             }
             match self.fill().await {
                 Ok(true) => self.patience.reset(),
-                Ok(false) => return,
+                Ok(false) => return Ok(self.counts),
                 Err(err) if self.patience.again(&err).await => {}
-                Err(err) => {
-                    *self.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
-                    return;
-                }
+                Err(err) => return Err(err),
             }
         }
     }
@@ -898,12 +894,12 @@ where
                     max_deliveries = self.max_deliveries,
                     "dead-lettered ids delivered too often",
                 );
-                self.counts.given_up.fetch_add(given_up, Ordering::Relaxed);
+                self.counts.given_up += given_up;
             }
             if !kept.is_empty() {
                 let n = kept.len() as u64;
                 tracing::info!(entries = n, "reclaimed ids from a worker not heard of");
-                self.counts.reclaimed.fetch_add(n, Ordering::Relaxed);
+                self.counts.reclaimed += n;
                 let entries = kept
                     .into_iter()
                     .map(|(entry, fields)| (entry, id_field(fields)))
@@ -1011,7 +1007,7 @@ where
             let added =
                 dead_letter(&mut self.connection, &script, &self.keys, &entry, &letter).await?;
             if added {
-                self.counts.unreadable.fetch_add(1, Ordering::Relaxed);
+                self.counts.unreadable += 1;
             }
         }
         Ok(())
@@ -1105,18 +1101,26 @@ impl Acker {
     async fn finish(self) -> Result<u64, Error> {
         let Acker { sender, mut task } = self;
         drop(sender);
-        match (&mut task.0).await {
-            Ok(result) => result,
-            Err(err) => Err(Error::new(
-                ErrorKind::Queue,
-                format!("the acknowledging task failed: {err}"),
-            )),
-        }
+        task.join("acknowledging").await
     }
 }
 
 /// Aborts a task when dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<Result<T, Error>> {
+    /// Waits for the task's result; a task that panicked or was cancelled is a
+    /// [`ErrorKind::Queue`] error naming `what` it was doing.
+    async fn join(&mut self, what: &str) -> Result<T, Error> {
+        match (&mut self.0).await {
+            Ok(result) => result,
+            Err(err) => Err(Error::new(
+                ErrorKind::Queue,
+                format!("the {what} task failed: {err}"),
+            )),
+        }
+    }
+}
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
