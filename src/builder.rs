@@ -13,7 +13,7 @@ use reqwest::header::{
 };
 use url::Url;
 
-use crate::detail::{DetailUrl, ErasedUrlFn, UrlFn, erase};
+use crate::detail::{DetailUrl, ErasedRequestFn, ErasedUrlFn, RequestFn, UrlFn, erase};
 use crate::error::{Error, ErrorKind};
 use crate::event::{Event, OnEvent};
 use crate::fanout::{FanOut, Shared};
@@ -58,6 +58,7 @@ const USER_AGENT: &str = concat!("fanout/", env!("CARGO_PKG_VERSION"));
 pub struct FanOutBuilder<Id, T> {
     client: Option<reqwest::Client>,
     detail: Option<Detail>,
+    request: Option<ErasedRequestFn>,
     list_url: Option<String>,
     ids_at: String,
     id_field: String,
@@ -89,6 +90,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
         FanOutBuilder {
             client: None,
             detail: None,
+            request: None,
             list_url: None,
             ids_at: String::new(),
             id_field: "id".to_owned(),
@@ -175,6 +177,55 @@ impl<Id, T> FanOutBuilder<Id, T> {
     {
         let make: UrlFn<Id> = Box::new(move |id| make(id).map_err(|err| err.to_string()));
         self.detail = Some(Detail::Function(erase(make)));
+        self
+    }
+
+    /// Makes each id's request with a function: another method, a body, headers of
+    /// its own. It is given the `FanOut`'s client, the id, and the id's URL (from
+    /// [`detail_url`](Self::detail_url) or [`detail_url_with`](Self::detail_url_with),
+    /// [`query`](Self::query) pairs included), and returns a `reqwest::RequestBuilder`.
+    ///
+    /// ```
+    /// use fanout::FanOut;
+    /// use serde_json::json;
+    ///
+    /// // One search per id: POST a query, decode the JSON answer.
+    /// let searches = FanOut::<u64, serde_json::Value>::builder()
+    ///     .detail_url("https://api.example.com/search")
+    ///     .request_with(|client, id: &u64, url| {
+    ///         client.post(url).json(&json!({ "entity": id, "select": ["label", "location"] }))
+    ///     })
+    ///     .build()?;
+    /// # Ok::<(), fanout::Error>(())
+    /// ```
+    ///
+    /// With a request function, the `detail_url` template may leave out `{id}`: every
+    /// id then gets the same URL, and the function puts the id where it belongs.
+    ///
+    /// Everything else applies as it does to the default `GET`: the concurrency and rate
+    /// limits, the timeout, the body cap, decoding into `T`, and the
+    /// [`header`](Self::header)s and [`bearer_auth`](Self::bearer_auth) (where the
+    /// function set no header of the same name). The function runs once per id, as the
+    /// id is admitted; each attempt sends a copy of its request. The retry policy
+    /// applies whatever the method: a `POST` that must not be repeated wants
+    /// [`RetryPolicy::none()`] or a [`retry_if`](RetryPolicy::retry_if) that says so.
+    /// A request whose body is a stream cannot be copied: it is sent once, and not
+    /// retried.
+    ///
+    /// A request that cannot be built (reqwest's builder error), or whose URL is not
+    /// http(s) with a host, fails its id with
+    /// [`ErrorKind::InvalidId`]; a panic fails it with [`ErrorKind::Panic`]. Nothing is
+    /// sent for such an id. The request is sent with the `FanOut`'s client, whichever
+    /// client built it.
+    ///
+    /// Default: a `GET` of the id's URL.
+    pub fn request_with<F>(mut self, make: F) -> Self
+    where
+        Id: 'static,
+        F: Fn(&reqwest::Client, &Id, Url) -> reqwest::RequestBuilder + Send + Sync + 'static,
+    {
+        let make: RequestFn<Id> = Box::new(make);
+        self.request = Some(ErasedRequestFn::new(make));
         self
     }
 
@@ -616,7 +667,9 @@ impl<Id, T> FanOutBuilder<Id, T> {
                 ));
             }
             Some(Detail::Template(ref template)) => {
-                DetailUrl::Template(UrlTemplate::parse(template, &self.query)?)
+                // With a request function the id may travel in the body alone.
+                let needs_id = self.request.is_none();
+                DetailUrl::Template(UrlTemplate::parse_with(template, &self.query, needs_id)?)
             }
             Some(Detail::Function(make)) => DetailUrl::Function {
                 make,
@@ -714,6 +767,7 @@ impl<Id, T> FanOutBuilder<Id, T> {
         Ok(FanOut::from_shared(Arc::new(Shared {
             client,
             detail,
+            request: self.request,
             headers,
             timeout: self.timeout,
             deadline: self.deadline,
@@ -822,6 +876,7 @@ impl<Id, T> fmt::Debug for FanOutBuilder<Id, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FanOutBuilder")
             .field("detail_url", &self.detail)
+            .field("request_with", &self.request)
             .field("list_url", &self.list_url)
             .field("pagination", &self.pagination)
             .field("concurrency", &self.concurrency)

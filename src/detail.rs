@@ -4,6 +4,7 @@ use std::any::Any;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 
+use reqwest::header::HeaderMap;
 use url::Url;
 
 use crate::error::{Error, ErrorKind};
@@ -30,6 +31,63 @@ pub(crate) type ErasedUrlFn = Box<dyn Any + Send + Sync>;
 
 pub(crate) fn erase<Id: 'static>(make: UrlFn<Id>) -> ErasedUrlFn {
     Box::new(make)
+}
+
+/// A caller's function that makes each id's request, as `FanOutBuilder::request_with`
+/// keeps it.
+pub(crate) type RequestFn<Id> =
+    Box<dyn Fn(&reqwest::Client, &Id, Url) -> reqwest::RequestBuilder + Send + Sync>;
+
+/// A `RequestFn<Id>` behind `Any`, because `Shared` has no `Id` parameter.
+pub(crate) struct ErasedRequestFn(Box<dyn Any + Send + Sync>);
+
+impl ErasedRequestFn {
+    pub(crate) fn new<Id: 'static>(make: RequestFn<Id>) -> Self {
+        ErasedRequestFn(Box::new(make))
+    }
+
+    /// The request the caller's function makes for `id`, whose URL is `url`, built and
+    /// checked: an http(s) URL with a host and no credentials. The `FanOut`'s headers
+    /// are added where the function set none of the same name; a panic in the function
+    /// fails that id alone.
+    pub(crate) fn make<Id: 'static>(
+        &self,
+        client: &reqwest::Client,
+        headers: &HeaderMap,
+        id: &Id,
+        url: Url,
+    ) -> Result<reqwest::Request, Error> {
+        let Some(make) = self.0.downcast_ref::<RequestFn<Id>>() else {
+            return Err(Error::new(
+                ErrorKind::Runtime,
+                "the request function was made for another id type",
+            ));
+        };
+        let made = std::panic::catch_unwind(AssertUnwindSafe(|| make(client, id, url)));
+        let Ok(builder) = made else {
+            return Err(Error::new(
+                ErrorKind::Panic,
+                "the request function panicked for this id",
+            ));
+        };
+        let mut request = builder.build().map_err(|err| {
+            let message = format!("the request function's request could not be built: {err}");
+            Error::new(ErrorKind::InvalidId, message).with_source(err)
+        })?;
+        check(request.url(), "the request function")?;
+        for (name, value) in headers {
+            if !request.headers().contains_key(name) {
+                request.headers_mut().insert(name, value.clone());
+            }
+        }
+        Ok(request)
+    }
+}
+
+impl fmt::Debug for ErasedRequestFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<function>")
+    }
 }
 
 impl DetailUrl {
@@ -78,24 +136,31 @@ fn from_function<Id>(make: &UrlFn<Id>, id: &Id, query: &[(String, String)]) -> R
             ));
         }
     };
+    check(&url, "the URL function")?;
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query);
+    }
+    Ok(url)
+}
+
+/// Refuses a URL that a caller's function (`who`) gave, unless it is http(s) with a
+/// host and carries no credentials.
+fn check(url: &Url, who: &str) -> Result<(), Error> {
+    let refused = |message: String| Error::new(ErrorKind::InvalidId, message);
     if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
         return Err(refused(format!(
-            "the URL function gave a URL that is not http(s) with a host (scheme `{}`)",
+            "{who} gave a URL that is not http(s) with a host (scheme `{}`)",
             url.scheme()
         )));
     }
     if !url.username().is_empty() || url.password().is_some() {
         // They would be sent as Basic auth, and shown in errors: use headers instead.
-        return Err(refused(
-            "the URL function gave a URL with a user name or password; set credentials \
-             with bearer_auth or header instead"
-                .to_owned(),
-        ));
+        return Err(refused(format!(
+            "{who} gave a URL with a user name or password; set credentials with \
+             bearer_auth or header instead"
+        )));
     }
-    if !query.is_empty() {
-        url.query_pairs_mut().extend_pairs(query);
-    }
-    Ok(url)
+    Ok(())
 }
 
 impl fmt::Debug for DetailUrl {

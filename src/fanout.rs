@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use crate::batch::Batch;
 use crate::builder::FanOutBuilder;
 use crate::dedup::Seen;
-use crate::detail::DetailUrl;
+use crate::detail::{DetailUrl, ErasedRequestFn};
 use crate::error::Error;
 use crate::event::OnEvent;
 use crate::limit::{Concurrency, Hosts, Slots};
@@ -40,6 +40,8 @@ pub struct FanOut<Id, T> {
 pub(crate) struct Shared {
     pub(crate) client: reqwest::Client,
     pub(crate) detail: DetailUrl,
+    /// Makes each id's request, when set with `request_with`; a GET of its URL otherwise.
+    pub(crate) request: Option<ErasedRequestFn>,
     /// Headers for every request that the client does not send by default.
     pub(crate) headers: HeaderMap,
     /// Per attempt.

@@ -2,7 +2,7 @@
 
 use bytes::{Bytes, BytesMut};
 use reqwest::header::HeaderMap;
-use reqwest::{Method, Response, StatusCode};
+use reqwest::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use tokio::sync::OwnedSemaphorePermit;
 use url::Url;
@@ -224,16 +224,40 @@ pub(crate) fn decode<T: DeserializeOwned>(answer: Answer) -> Result<T, Failure> 
     decode_json(&answer.body).map_err(|message| answer.unusable(ErrorKind::Decode, message))
 }
 
-/// Sends one attempt for `url` and reads its body under the size cap. The caller
-/// bounds it in time.
-pub(crate) async fn send(shared: &Shared, gate: &Pause, url: Url) -> Result<Answer, Failure> {
+/// The request `request_with` made for an id. Each attempt sends a copy; a request
+/// whose body is a stream, which cannot be copied, is sent once.
+pub(crate) struct Made(Option<Box<Request>>);
+
+impl Made {
+    pub(crate) fn new(request: Request) -> Self {
+        Made(Some(Box::new(request)))
+    }
+
+    /// The request for the next attempt, or `None` once a stream body was sent.
+    pub(crate) fn next(&mut self) -> Option<Request> {
+        let copy = self.0.as_deref()?.try_clone();
+        copy.or_else(|| self.0.take().map(|request| *request))
+    }
+}
+
+/// Sends one attempt (a GET of `url`, or the `request` made for it) and reads its body
+/// under the size cap. The caller bounds it in time.
+pub(crate) async fn send(
+    shared: &Shared,
+    gate: &Pause,
+    url: Url,
+    request: Option<Request>,
+) -> Result<Answer, Failure> {
     // In a block of its own, so that the request, moved into `execute`, takes no room
     // in the future.
     let pending = {
-        let mut request = reqwest::Request::new(Method::GET, url);
-        if !shared.headers.is_empty() {
-            *request.headers_mut() = shared.headers.clone();
-        }
+        let request = request.unwrap_or_else(|| {
+            let mut request = Request::new(Method::GET, url);
+            if !shared.headers.is_empty() {
+                *request.headers_mut() = shared.headers.clone();
+            }
+            request
+        });
         shared.client.execute(request)
     };
     let mut response = pending.await.map_err(|err| {

@@ -62,10 +62,21 @@ impl DotSegment {
 
 impl UrlTemplate {
     /// Checks and normalises `template`, appending `query` pairs to its query string.
+    #[cfg(test)]
     pub(crate) fn parse(template: &str, query: &[(String, String)]) -> Result<Self, Error> {
+        Self::parse_with(template, query, true)
+    }
+
+    /// Checks and normalises `template`, appending `query` pairs to its query string.
+    /// A template without `{id}` (one URL for every id) is refused if `needs_id`.
+    pub(crate) fn parse_with(
+        template: &str,
+        query: &[(String, String)],
+        needs_id: bool,
+    ) -> Result<Self, Error> {
         let raw_pieces = split_placeholders(template)?;
         let holes = raw_pieces.len() - 1;
-        if holes == 0 {
+        if holes == 0 && needs_id {
             return Err(invalid(
                 template,
                 "it has no `{id}` placeholder; write one where the id goes, \

@@ -26,6 +26,7 @@ use crate::error::{Error, ErrorKind};
 use crate::event::Event;
 use crate::fanout::Shared;
 use crate::progress::Counters;
+use crate::request::Made;
 use crate::retry::{Scope, fetch};
 
 /// How many ids may be admitted per concurrency slot, counting those asleep between
@@ -291,13 +292,19 @@ where
             )
             .with_id_text(id_text));
         }
-        match self
-            .scope
-            .shared
+        let shared = &self.scope.shared;
+        let made = shared
             .detail
             .url(id, &id_text, &mut self.url_text)
-        {
-            Ok(url) => Ok((Arc::clone(&self.scope), id_text, url)),
+            .and_then(|url| match &shared.request {
+                None => Ok((url, None)),
+                Some(make) => {
+                    let request = make.make(&shared.client, &shared.headers, id, url)?;
+                    Ok((request.url().clone(), Some(Made::new(request))))
+                }
+            });
+        match made {
+            Ok((url, request)) => Ok((Arc::clone(&self.scope), id_text, url, request)),
             Err(err) => Err(err.with_id_text(id_text)),
         }
     }
@@ -319,9 +326,9 @@ impl<Id, T> Drop for Core<Id, T> {
     }
 }
 
-/// What an admitted id's request needs (its batch's scope, its text and its URL), or
-/// the outcome it gets without sending anything.
-type Start = Result<(Arc<Scope>, String, Url), Error>;
+/// What an admitted id's request needs (its batch's scope, its text, its URL and the
+/// request `request_with` made for it), or the outcome it gets without sending anything.
+type Start = Result<(Arc<Scope>, String, Url, Option<Made>), Error>;
 
 /// The admitted ids' requests, polled as one stream of outcomes. Behind a trait object
 /// because a request's future has a type that cannot be written down: this way each
@@ -384,7 +391,7 @@ where
     T: DeserializeOwned + Send + 'static,
 {
     let attempt = match start {
-        Ok((scope, id_text, url)) => Either::Left(fetch::<T>(scope, id_text, url)),
+        Ok((scope, id_text, url, made)) => Either::Left(fetch::<T>(scope, id_text, url, made)),
         Err(err) => Either::Right(async move { Err(err) }),
     };
     // A panic in a request (in `T`'s `Deserialize`, say) fails that id alone.

@@ -19,7 +19,7 @@ use crate::event::Event;
 use crate::fanout::Shared;
 use crate::limit::Signal;
 use crate::progress::Counters;
-use crate::request::{Answer, Failure, decode, ready, send};
+use crate::request::{Answer, Failure, Made, decode, ready, send};
 
 /// What every request of one batch reads: the `FanOut`'s settings, and the batch's ids
 /// asleep between retries. One `Arc` clone per id; a list page has one of its own,
@@ -54,9 +54,10 @@ pub(crate) fn fetch<T: DeserializeOwned>(
     scope: Arc<Scope>,
     id: String,
     url: Url,
+    made: Option<Made>,
 ) -> impl Future<Output = Result<T, Error>> + Send {
     let span = tracing::debug_span!("fanout.id", id = %id, url = %url);
-    attempts(scope, Some(id), url, decode).instrument(span)
+    attempts(scope, Some(id), url, made, decode).instrument(span)
 }
 
 /// Fetches `url` (a list page, not an id's record), retrying as the policy allows, and
@@ -68,7 +69,7 @@ pub(crate) fn fetch_with<T>(
 ) -> impl Future<Output = Result<T, Error>> + Send {
     // Nobody admits others in place of a sleeping list page, and nobody reads its
     // counts: a scope of its own, which records nothing for `RunStats`.
-    attempts(Scope::new(Arc::clone(shared)), None, url, read)
+    attempts(Scope::new(Arc::clone(shared)), None, url, None, read)
 }
 
 /// Attempts `url` until `read` accepts an answer or the policy gives up; an id's
@@ -84,6 +85,7 @@ fn attempts<T>(
     scope: Arc<Scope>,
     id: Option<String>,
     url: Url,
+    mut prepared: Option<Made>,
     mut read: impl FnMut(Answer) -> Result<T, Failure> + Send,
 ) -> impl Future<Output = Result<T, Error>> + Send {
     async move {
@@ -105,6 +107,19 @@ fn attempts<T>(
             // In a block of its own, so that the attempt's result takes no room in the
             // future while it sleeps before the next attempt.
             let failure = 'attempt: {
+                // The request `request_with` made, copied for this attempt.
+                let request = match prepared.as_mut().map(Made::next) {
+                    None => None,
+                    Some(Some(request)) => Some(request),
+                    Some(None) => {
+                        let note = "not retried: the request's body is a stream, which \
+                                    cannot be sent twice";
+                        break 'id Err(match last {
+                            Some(last) => last.with_note(note),
+                            None => Error::request(ErrorKind::Request, url, note),
+                        });
+                    }
+                };
                 let slot = match deadline {
                     None => ready(shared, &host, &scope).await,
                     // Boxed: only ids with a deadline need room for its timer here.
@@ -154,7 +169,7 @@ fn attempts<T>(
                 // small enough for the allocator's per-thread cache, which one large box
                 // is not.
                 let sending = Box::pin(
-                    send(shared, &host.pause, url.clone())
+                    send(shared, &host.pause, url.clone(), request)
                         .instrument(tracing::debug_span!("fanout.attempt", n = made)),
                 );
                 let result = match end {
