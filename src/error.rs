@@ -97,9 +97,39 @@ pub enum ErrorKind {
     /// The caller's sink refused an outcome; the id was not acknowledged, so it will
     /// be delivered again.
     Sink,
+    /// The source of ids given to [`FanOut::fan_out_try_stream`](crate::FanOut::fan_out_try_stream)
+    /// failed (its error is the [`source`](std::error::Error::source)); the ids before
+    /// it got their outcomes.
+    Input,
 }
 
 impl ErrorKind {
+    /// A short, stable, machine-readable name: `"status"`, `"timeout"`, `"invalid_id"`,
+    /// ... (the variant's name in snake case), for metrics labels and output files.
+    /// `Display` gives a phrase for people instead.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidTemplate => "invalid_template",
+            ErrorKind::InvalidHeader => "invalid_header",
+            ErrorKind::InvalidConfig => "invalid_config",
+            ErrorKind::InvalidId => "invalid_id",
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Request => "request",
+            ErrorKind::Body => "body",
+            ErrorKind::Status => "status",
+            ErrorKind::Decode => "decode",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::Pagination => "pagination",
+            ErrorKind::Panic => "panic",
+            ErrorKind::Runtime => "runtime",
+            ErrorKind::RateLimiter => "rate_limiter",
+            ErrorKind::Queue => "queue",
+            ErrorKind::Sink => "sink",
+            ErrorKind::Input => "input",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             ErrorKind::InvalidTemplate => "invalid URL template",
@@ -119,6 +149,7 @@ impl ErrorKind {
             ErrorKind::RateLimiter => "rate limiter unavailable",
             ErrorKind::Queue => "work queue unavailable",
             ErrorKind::Sink => "the sink refused an outcome",
+            ErrorKind::Input => "the source of ids failed",
         }
     }
 }
@@ -142,6 +173,14 @@ impl Error {
                 body: None,
                 source: None,
             }),
+        }
+    }
+
+    /// The error a caller's source of ids gave: kept if it is one of ours.
+    pub(crate) fn from_source(err: impl Into<BoxError>) -> Self {
+        match err.into().downcast::<Error>() {
+            Ok(err) => *err,
+            Err(other) => Error::new(ErrorKind::Input, other.to_string()).with_source(other),
         }
     }
 
@@ -363,6 +402,29 @@ mod tests {
             std::mem::size_of::<Result<(), Error>>(),
             std::mem::size_of::<usize>()
         );
+    }
+
+    #[test]
+    fn kind_names_are_the_variants_in_snake_case() {
+        let kinds = [
+            (ErrorKind::InvalidTemplate, "InvalidTemplate"),
+            (ErrorKind::InvalidId, "InvalidId"),
+            (ErrorKind::TooLarge, "TooLarge"),
+            (ErrorKind::RateLimiter, "RateLimiter"),
+            (ErrorKind::Status, "Status"),
+        ];
+        for (kind, variant) in kinds {
+            assert_eq!(format!("{kind:?}"), variant);
+            let snake: String = variant
+                .chars()
+                .enumerate()
+                .flat_map(|(at, c)| {
+                    let gap = (at > 0 && c.is_ascii_uppercase()).then_some('_');
+                    gap.into_iter().chain(std::iter::once(c.to_ascii_lowercase()))
+                })
+                .collect();
+            assert_eq!(kind.as_str(), snake);
+        }
     }
 
     #[test]

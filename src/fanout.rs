@@ -17,6 +17,7 @@ use crate::error::Error;
 use crate::event::OnEvent;
 use crate::limit::{Concurrency, Hosts, Slots};
 use crate::list::{ListSettings, Lister, listed_ids};
+use crate::rate::BoxError;
 use crate::rate::Throttle;
 use crate::retry::RetryPolicy;
 
@@ -148,6 +149,39 @@ where
     {
         Batch::new(Arc::clone(&self.shared), ids.map(Ok).boxed())
     }
+
+    /// Like [`fan_out_stream`](FanOut::fan_out_stream), from a source that can fail: a
+    /// file that cannot be read to the end, a database cursor that loses its
+    /// connection, the listed ids of [`list_ids_stream`](FanOut::list_ids_stream)
+    /// after a filter. The first `Err` ends the input: every id before it still gets
+    /// its outcome, and then the batch reports the error as
+    /// [`fan_out_listed`](FanOut::fan_out_listed) reports a list's (an extra `Err` at the
+    /// end of [`collect_ordered`](Batch::collect_ordered), the last item of the `try_`
+    /// streams).
+    ///
+    /// A [`fanout::Error`](Error) from the source is kept as it is; any other error
+    /// becomes one of kind [`ErrorKind::Input`](crate::ErrorKind::Input), with the
+    /// original as its source.
+    ///
+    /// ```no_run
+    /// use futures::{StreamExt, TryStreamExt};
+    /// # async fn run(players: fanout::FanOut<u64, serde_json::Value>, done: std::collections::HashSet<u64>) -> Result<(), fanout::Error> {
+    /// // The listed ids, less those fetched by an earlier run.
+    /// let ids = players.list_ids_stream().try_filter(move |id| futures::future::ready(!done.contains(id)));
+    /// let mut outcomes = players.fan_out_try_stream(ids).try_as_completed();
+    /// while let Some((id, result)) = outcomes.try_next().await? {
+    ///     // ...
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn fan_out_try_stream<S, E>(&self, ids: S) -> Batch<Id, T>
+    where
+        S: Stream<Item = Result<Id, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let ids = ids.map(|id| id.map_err(Error::from_source));
+        Batch::new(Arc::clone(&self.shared), ids.boxed())
+    }
 }
 
 impl<Id, T> FanOut<Id, T>
@@ -155,6 +189,15 @@ where
     Id: DeserializeOwned + fmt::Display + Clone + Send + Sync + 'static,
     T: DeserializeOwned + Send + 'static,
 {
+    /// The list endpoint's ids as a stream, page by page, fetched as the stream is
+    /// polled: for filtering or mapping them before
+    /// [`fan_out_try_stream`](FanOut::fan_out_try_stream). A failure ends the stream
+    /// with its error (see [`list_ids`](FanOut::list_ids) for which). Repeats are
+    /// kept: a batch drops them if [`dedup_ids`](FanOutBuilder::dedup_ids) is set.
+    pub fn list_ids_stream(&self) -> impl Stream<Item = Result<Id, Error>> + Send + 'static {
+        listed_ids::<Id>(Arc::clone(&self.shared), Arc::default())
+    }
+
     /// Fetches the list endpoint's pages as the fan-out needs more ids, and each
     /// listed id's record: details start as soon as the first page has arrived, and a
     /// page is fetched only when the ids of the one before have been admitted, so

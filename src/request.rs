@@ -233,6 +233,11 @@ impl Made {
         Made(Some(Box::new(request)))
     }
 
+    /// True once a request whose body is a stream was sent: there is no other.
+    pub(crate) fn is_spent(&self) -> bool {
+        self.0.is_none()
+    }
+
     /// The request for the next attempt, or `None` once a stream body was sent.
     pub(crate) fn next(&mut self) -> Option<Request> {
         let copy = self.0.as_deref()?.try_clone();
@@ -242,24 +247,31 @@ impl Made {
 
 /// Sends one attempt (a GET of `url`, or the `request` made for it) and reads its body
 /// under the size cap. The caller bounds it in time.
-pub(crate) async fn send(
-    shared: &Shared,
-    gate: &Pause,
+///
+/// The request is handed to the client before the future is made, so that neither it
+/// nor `url` takes room in the future.
+pub(crate) fn send<'a>(
+    shared: &'a Shared,
+    gate: &'a Pause,
     url: Url,
     request: Option<Request>,
+) -> impl Future<Output = Result<Answer, Failure>> + Send + 'a {
+    let request = request.unwrap_or_else(|| {
+        let mut request = Request::new(Method::GET, url);
+        if !shared.headers.is_empty() {
+            *request.headers_mut() = shared.headers.clone();
+        }
+        request
+    });
+    receive(shared, gate, shared.client.execute(request))
+}
+
+/// Waits for the answer to a request sent with `send`, and reads its body.
+async fn receive(
+    shared: &Shared,
+    gate: &Pause,
+    pending: impl Future<Output = reqwest::Result<Response>>,
 ) -> Result<Answer, Failure> {
-    // In a block of its own, so that the request, moved into `execute`, takes no room
-    // in the future.
-    let pending = {
-        let request = request.unwrap_or_else(|| {
-            let mut request = Request::new(Method::GET, url);
-            if !shared.headers.is_empty() {
-                *request.headers_mut() = shared.headers.clone();
-            }
-            request
-        });
-        shared.client.execute(request)
-    };
     let mut response = pending.await.map_err(|err| {
         // A redirect loop or a request reqwest refuses to build will not get better.
         let transient = !(err.is_redirect() || err.is_builder());

@@ -654,3 +654,67 @@ async fn list_pages_carry_the_configured_headers_and_max_pages_may_be_exact() {
         .unwrap();
     assert_eq!(fan.list_ids().await.unwrap(), [1, 2]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listed_ids_can_be_filtered_before_the_fan_out_and_a_failure_still_ends_it() {
+    use futures::TryStreamExt;
+    let server = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    two_pages(&server, &arrivals, ResponseTemplate::new(404)).await;
+    let fan = listed(&server);
+
+    // The even ids of page 1 (an earlier run fetched the odd ones), then page 2 fails.
+    let ids = fan
+        .list_ids_stream()
+        .try_filter(|id| futures::future::ready(id % 2 == 0));
+    let results = fan.fan_out_try_stream(ids).collect_ordered().await;
+    assert_eq!(results.len(), 11);
+    let fetched: Vec<String> = results[..10]
+        .iter()
+        .map(|r| r.as_ref().unwrap().id.clone())
+        .collect();
+    let even: Vec<String> = (0..20).step_by(2).map(|n: u32| n.to_string()).collect();
+    assert_eq!(fetched, even);
+    let err = results[10].as_ref().unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::NOT_FOUND), "{err}");
+    // Only the even ids' details were asked for.
+    let details = arrivals
+        .paths()
+        .iter()
+        .filter(|p| p.starts_with("/items/"))
+        .count();
+    assert_eq!(details, 10);
+}
+
+#[tokio::test]
+async fn a_source_of_ids_that_fails_is_an_input_error_after_the_ids_before_it() {
+    use futures::TryStreamExt;
+    let server = MockServer::start().await;
+    Mock::given(path_prefix_items())
+        .respond_with(support::echo_id)
+        .mount(&server)
+        .await;
+    let fan = builder::<u32>(&server, "/list").build().unwrap();
+    let broken = std::io::Error::new(std::io::ErrorKind::InvalidData, "line 3 is not UTF-8");
+    let source = futures::stream::iter([Ok(1), Ok(2), Err(broken), Ok(4)]);
+
+    let outcomes: Vec<_> = fan
+        .fan_out_try_stream(source)
+        .try_in_order()
+        .collect()
+        .await;
+    assert_eq!(outcomes.len(), 3);
+    assert!(matches!(outcomes[0], Ok((1, Ok(_)))));
+    assert!(matches!(outcomes[1], Ok((2, Ok(_)))));
+    let err = outcomes[2].as_ref().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Input);
+    assert!(err.to_string().contains("line 3 is not UTF-8"), "{err}");
+    let source = std::error::Error::source(err).unwrap();
+    assert!(source.downcast_ref::<std::io::Error>().is_some());
+    let _ = fan
+        .fan_out_try_stream(futures::stream::empty::<Result<u32, std::io::Error>>())
+        .try_in_order()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+}

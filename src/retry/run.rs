@@ -107,19 +107,14 @@ fn attempts<T>(
             // In a block of its own, so that the attempt's result takes no room in the
             // future while it sleeps before the next attempt.
             let failure = 'attempt: {
-                // The request `request_with` made, copied for this attempt.
-                let request = match prepared.as_mut().map(Made::next) {
-                    None => None,
-                    Some(Some(request)) => Some(request),
-                    Some(None) => {
-                        let note = "not retried: the request's body is a stream, which \
-                                    cannot be sent twice";
-                        break 'id Err(match last {
-                            Some(last) => last.with_note(note),
-                            None => Error::request(ErrorKind::Request, url, note),
-                        });
-                    }
-                };
+                if prepared.as_ref().is_some_and(Made::is_spent) {
+                    let note = "not retried: the request's body is a stream, which cannot \
+                                be sent twice";
+                    break 'id Err(match last {
+                        Some(last) => last.with_note(note),
+                        None => Error::request(ErrorKind::Request, url, note),
+                    });
+                }
                 let slot = match deadline {
                     None => ready(shared, &host, &scope).await,
                     // Boxed: only ids with a deadline need room for its timer here.
@@ -168,6 +163,9 @@ fn attempts<T>(
                 // Boxed: the attempt is most of an id's state, and both halves are then
                 // small enough for the allocator's per-thread cache, which one large box
                 // is not.
+                // The request `request_with` made, copied for this attempt (taken only
+                // now, so that no id's future has room for one while it waits).
+                let request = prepared.as_mut().and_then(Made::next);
                 let sending = Box::pin(
                     send(shared, &host.pause, url.clone(), request)
                         .instrument(tracing::debug_span!("fanout.attempt", n = made)),
