@@ -420,7 +420,8 @@ mod tests {
                 .enumerate()
                 .flat_map(|(at, c)| {
                     let gap = (at > 0 && c.is_ascii_uppercase()).then_some('_');
-                    gap.into_iter().chain(std::iter::once(c.to_ascii_lowercase()))
+                    gap.into_iter()
+                        .chain(std::iter::once(c.to_ascii_lowercase()))
                 })
                 .collect();
             assert_eq!(kind.as_str(), snake);

@@ -1,0 +1,193 @@
+//! The ids: as the list endpoint or the input gave them, and which of them to fetch.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::io::{self, BufRead};
+use std::path::Path;
+
+use futures::Stream;
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use tokio::sync::mpsc;
+
+/// An id, kept as it came: a JSON number from a list stays a number in the output, a
+/// line of input is a string. Its `Display` form (the number's digits, the string's
+/// text) goes into the URL and identifies it on resume.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Id {
+    Number(serde_json::Number),
+    Text(String),
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Id::Number(number) => fmt::Display::fmt(number, f),
+            Id::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Id::Number(number) => number.serialize(serializer),
+            Id::Text(text) => serializer.serialize_str(text),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IdVisitor;
+
+        impl Visitor<'_> for IdVisitor {
+            type Value = Id;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an id: a string or a number")
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Id, E> {
+                Ok(Id::Text(text.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, text: String) -> Result<Id, E> {
+                Ok(Id::Text(text))
+            }
+
+            fn visit_u64<E: de::Error>(self, number: u64) -> Result<Id, E> {
+                Ok(Id::Number(number.into()))
+            }
+
+            fn visit_i64<E: de::Error>(self, number: i64) -> Result<Id, E> {
+                Ok(Id::Number(number.into()))
+            }
+
+            fn visit_f64<E: de::Error>(self, number: f64) -> Result<Id, E> {
+                serde_json::Number::from_f64(number)
+                    .map(Id::Number)
+                    .ok_or_else(|| E::custom("an id cannot be NaN or infinite"))
+            }
+        }
+
+        deserializer.deserialize_any(IdVisitor)
+    }
+}
+
+/// The ids seen so far, by a 128-bit hash of their `Display` form (16 bytes an id,
+/// whatever its length): those an earlier run finished, then each one admitted, so
+/// that every id is fetched once. Two distinct ids share a hash with a chance of about
+/// 10^-21 in a billion.
+#[derive(Default)]
+pub(crate) struct Seen {
+    hashes: HashSet<u128>,
+    keys: (RandomState, RandomState),
+}
+
+impl Seen {
+    /// True the first time an id with this `Display` form is offered.
+    pub(crate) fn insert(&mut self, id: &str) -> bool {
+        let key =
+            (u128::from(self.keys.0.hash_one(id)) << 64) | u128::from(self.keys.1.hash_one(id));
+        self.hashes.insert(key)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.hashes.len()
+    }
+}
+
+/// The ids in `path` (standard input for `None`), one per line, trimmed, blank lines
+/// skipped. A reader thread keeps up to a thousand ids ahead of the fan-out; a line
+/// that is not UTF-8, or a read that fails, ends the stream with an error naming the
+/// line.
+pub(crate) fn lines(
+    path: Option<&Path>,
+) -> io::Result<impl Stream<Item = io::Result<Id>> + Send + 'static> {
+    let (name, input): (String, Box<dyn BufRead + Send>) = match path {
+        None => (
+            "standard input".to_owned(),
+            Box::new(io::BufReader::new(io::stdin())),
+        ),
+        Some(path) => {
+            let file = std::fs::File::open(path).map_err(|err| {
+                io::Error::new(err.kind(), format!("cannot open {}: {err}", path.display()))
+            })?;
+            (
+                path.display().to_string(),
+                Box::new(io::BufReader::new(file)),
+            )
+        }
+    };
+    let (sender, receiver) = mpsc::channel(1024);
+    std::thread::Builder::new()
+        .name("fanout-ids".to_owned())
+        .spawn(move || read_lines(&name, input, &sender))?;
+    Ok(futures::stream::unfold(
+        receiver,
+        |mut receiver| async move {
+            let id = receiver.recv().await?;
+            Some((id, receiver))
+        },
+    ))
+}
+
+fn read_lines(
+    name: &str,
+    mut input: Box<dyn BufRead + Send>,
+    sender: &mpsc::Sender<io::Result<Id>>,
+) {
+    let mut line = Vec::new();
+    for number in 1.. {
+        line.clear();
+        let id = match input.read_until(b'\n', &mut line) {
+            Ok(0) => return,
+            Ok(_) => match std::str::from_utf8(&line) {
+                Ok(text) => match text.trim() {
+                    "" => continue,
+                    id => Ok(Id::Text(id.to_owned())),
+                },
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("line {number} of {name} is not UTF-8 text"),
+                )),
+            },
+            Err(err) => Err(io::Error::new(
+                err.kind(),
+                format!("reading line {number} of {name}: {err}"),
+            )),
+        };
+        let failed = id.is_err();
+        // The fan-out stopped reading: nothing more to do.
+        if sender.blocking_send(id).is_err() || failed {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_keep_their_json_type_and_display_their_text() {
+        let ids: Vec<Id> = serde_json::from_str(r#"[7, "a b", -3, 1.5]"#).unwrap();
+        assert_eq!(serde_json::to_string(&ids).unwrap(), r#"[7,"a b",-3,1.5]"#);
+        let shown: Vec<String> = ids.iter().map(Id::to_string).collect();
+        assert_eq!(shown, ["7", "a b", "-3", "1.5"]);
+        assert!(serde_json::from_str::<Id>("null").is_err());
+        assert!(serde_json::from_str::<Id>(r#"{"id":1}"#).is_err());
+    }
+
+    #[test]
+    fn seen_once() {
+        let mut seen = Seen::default();
+        assert!(seen.insert("7"));
+        assert!(!seen.insert("7"));
+        assert!(seen.insert("07"));
+        assert_eq!(seen.len(), 2);
+    }
+}

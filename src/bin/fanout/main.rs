@@ -1,0 +1,350 @@
+//! `fanout`: calls a detail endpoint once per id, from the command line, and writes one
+//! JSON line per id. See `fanout --help`, and the crate's README.
+
+mod args;
+mod ids;
+mod output;
+mod resume;
+
+use std::fs::File;
+use std::io::IsTerminal;
+use std::num::NonZeroU32;
+use std::pin::pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use fanout::{BoxError, Error, FanOut, Pagination, Quota, RetryPolicy, RunStats};
+use futures::stream::{self, BoxStream};
+use futures::{StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::value::RawValue;
+
+use crate::args::Args;
+use crate::ids::{Id, Seen};
+use crate::output::{FLUSH_EVERY, Lines};
+
+/// What is fetched: the body as it came, checked to be JSON and copied into the line.
+type Record = Box<RawValue>;
+
+/// How a run that could be made ended.
+enum Ended {
+    AllSucceeded,
+    SomeFailed,
+    Interrupted,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(err) => {
+            // --help and --version go to standard output; the rest is a usage error.
+            let _ = err.print();
+            return ExitCode::from(if err.use_stderr() { 1 } else { 0 });
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(&format!("cannot start the async runtime: {err}")),
+    };
+    match runtime.block_on(run(args)) {
+        Ok(Ended::AllSucceeded) => ExitCode::SUCCESS,
+        Ok(Ended::SomeFailed) => ExitCode::from(2),
+        Ok(Ended::Interrupted) => ExitCode::from(130),
+        Err(message) => fail(&message),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("fanout: error: {message}");
+    ExitCode::from(1)
+}
+
+/// The run's counts, shared with the filter on the ids.
+#[derive(Default)]
+struct Counts {
+    /// Ids not fetched: done in an earlier run, or repeated in the input.
+    skipped: AtomicU64,
+    /// Ids handed to the fan-out.
+    admitted: AtomicU64,
+    /// The input has ended.
+    ended: AtomicBool,
+}
+
+async fn run(args: Args) -> Result<Ended, String> {
+    let fan = build(&args)?;
+    let quiet = args.quiet;
+    let say = |message: String| {
+        if !quiet {
+            eprintln!("fanout: {message}");
+        }
+    };
+
+    let mut seen = Seen::default();
+    let (mut lines, destination) = match &args.output {
+        None => (
+            Lines::stdout(std::io::stdout().is_terminal()),
+            "standard output".to_owned(),
+        ),
+        Some(path) => {
+            let shown = path.display().to_string();
+            let file = if args.resume {
+                let resumed = resume::open(path, &mut seen)?;
+                let mut note = format!(
+                    "resuming {shown}: {} ids done before, {} failed ids to try again",
+                    resumed.done, resumed.retried
+                );
+                if resumed.torn > 0 {
+                    note.push_str(&format!(
+                        "; cut off a torn last line ({} bytes) left by an interrupted run",
+                        resumed.torn
+                    ));
+                }
+                say(note);
+                resumed.file
+            } else {
+                create(path, args.overwrite)?
+            };
+            let lines = Lines::file(file).map_err(|err| format!("cannot write {shown}: {err}"))?;
+            (lines, shown)
+        }
+    };
+
+    let counts = Arc::new(Counts::default());
+    let source: BoxStream<'static, Result<Id, BoxError>> = match (&args.list_url, &args.ids_file) {
+        (Some(_), _) => fan.list_ids_stream().map_err(BoxError::from).boxed(),
+        (None, path) => {
+            let path = path.as_deref().filter(|path| path.as_os_str() != "-");
+            ids::lines(path)
+                .map_err(|err| err.to_string())?
+                .map_err(BoxError::from)
+                .boxed()
+        }
+    };
+    let ids = {
+        let counts = Arc::clone(&counts);
+        let end = Arc::clone(&counts);
+        source
+            .try_filter(move |id| {
+                let first = seen.insert(&id.to_string());
+                let count = if first {
+                    &counts.admitted
+                } else {
+                    &counts.skipped
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                std::future::ready(first)
+            })
+            .chain(stream::poll_fn(move |_| {
+                end.ended.store(true, Ordering::Relaxed);
+                std::task::Poll::Ready(None)
+            }))
+    };
+
+    let batch = fan.fan_out_try_stream(ids);
+    let progress = batch.progress();
+    let outcomes = if args.ordered {
+        batch.try_in_order().boxed()
+    } else {
+        batch.try_as_completed().boxed()
+    };
+    let bar = progress_bar(quiet);
+
+    let mut outcomes = outcomes;
+    let (mut succeeded, mut failed) = (0u64, 0u64);
+    let mut input_error: Option<Error> = None;
+    let mut interrupt = pin!(tokio::signal::ctrl_c());
+    let mut signals = true;
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    let interrupted = loop {
+        tokio::select! {
+            item = outcomes.next() => match item {
+                None => break false,
+                Some(Ok((id, result))) => {
+                    if result.is_ok() { succeeded += 1 } else { failed += 1 }
+                    if let Err(err) = lines.outcome(&id, &result) {
+                        return Err(format!("cannot write {destination}: {err}"));
+                    }
+                    bar.inc(1);
+                    if failed > 0 && result.is_err() {
+                        bar.set_message(format!("{failed} failed"));
+                    }
+                }
+                // The input's failure, after every id before it.
+                Some(Err(err)) => input_error = Some(err),
+            },
+            _ = tick.tick() => {
+                lines.flush().map_err(|err| format!("cannot write {destination}: {err}"))?;
+                if counts.ended.load(Ordering::Relaxed) {
+                    bar.set_length(counts.admitted.load(Ordering::Relaxed));
+                }
+            }
+            caught = &mut interrupt, if signals => match caught {
+                Ok(()) => break true,
+                // No signal handling here: run on without it.
+                Err(_) => signals = false,
+            },
+        }
+    };
+    // Cancels whatever is still in flight.
+    drop(outcomes);
+    bar.finish_and_clear();
+    lines
+        .finish()
+        .map_err(|err| format!("cannot write {destination}: {err}"))?;
+
+    if !quiet {
+        summary(
+            &progress.stats(),
+            succeeded,
+            failed,
+            counts.skipped.load(Ordering::Relaxed),
+        );
+    }
+    let resume_hint = match &args.output {
+        Some(path) => format!("; `--resume -o {}` continues from here", path.display()),
+        None => String::new(),
+    };
+    if let Some(err) = input_error {
+        return Err(format!(
+            "the ids could not be read to the end: {err}; the {} before it were fetched{resume_hint}",
+            succeeded + failed
+        ));
+    }
+    if interrupted {
+        say(format!("interrupted{resume_hint}"));
+        return Ok(Ended::Interrupted);
+    }
+    Ok(if failed == 0 {
+        Ended::AllSucceeded
+    } else {
+        Ended::SomeFailed
+    })
+}
+
+/// The `FanOut` the arguments describe.
+fn build(args: &Args) -> Result<FanOut<Id, Record>, String> {
+    let mut builder = FanOut::<Id, Record>::builder()
+        .detail_url(&args.detail_url)
+        .concurrency(args.concurrency)
+        .retry(RetryPolicy::exponential().max_retries(args.retries))
+        .timeout(args.timeout);
+    if let Some(rps) = args.rps {
+        let rate = NonZeroU32::new(rps).ok_or("--rps must be at least 1")?;
+        let quota = Quota::per_second(rate);
+        builder = builder.rate_limit(match args.burst {
+            None => quota,
+            Some(burst) => {
+                quota.allow_burst(NonZeroU32::new(burst).ok_or("--burst must be at least 1")?)
+            }
+        });
+    }
+    for (name, value) in &args.headers {
+        builder = builder.header(name, value.as_str());
+    }
+    if let Some(var) = &args.bearer_env {
+        let token = std::env::var(var).map_err(|err| match err {
+            std::env::VarError::NotPresent => {
+                format!("--bearer-env: the environment variable {var} is not set")
+            }
+            std::env::VarError::NotUnicode(_) => {
+                format!("--bearer-env: the environment variable {var} is not text")
+            }
+        })?;
+        if token.is_empty() {
+            return Err(format!(
+                "--bearer-env: the environment variable {var} is empty"
+            ));
+        }
+        builder = builder.bearer_auth(token);
+    }
+    if let Some(url) = &args.list_url {
+        builder = builder.list_url(url).paginate(pagination(args));
+        if let Some(pointer) = &args.ids_at {
+            builder = builder.ids_at(pointer);
+        }
+        if let Some(field) = &args.id_field {
+            builder = builder.id_field(field);
+        }
+        if let Some(pages) = args.max_pages {
+            builder = builder.max_pages(pages);
+        }
+    }
+    builder.build().map_err(|err| err.to_string())
+}
+
+fn pagination(args: &Args) -> Pagination {
+    if args.link_header {
+        Pagination::link_header()
+    } else if let Some(pointer) = &args.next_url_at {
+        Pagination::next_url_at(pointer)
+    } else if let (Some(pointer), Some(param)) = (&args.cursor_at, &args.cursor_param) {
+        Pagination::cursor(pointer, param)
+    } else if let (Some(offset), Some(limit), Some(size)) =
+        (&args.offset_param, &args.limit_param, args.page_size)
+    {
+        Pagination::offset_limit(offset, limit, size)
+    } else if let Some(param) = &args.page_param {
+        Pagination::page_number(param).first_page(args.first_page.unwrap_or(1))
+    } else {
+        Pagination::none()
+    }
+}
+
+/// A new output file; an existing one only with `--overwrite`.
+fn create(path: &std::path::Path, overwrite: bool) -> Result<File, String> {
+    let shown = path.display();
+    let exists = std::fs::metadata(path).is_ok_and(|meta| meta.len() > 0);
+    if exists && !overwrite {
+        return Err(format!(
+            "{shown} exists; --resume continues the run it holds, --overwrite replaces it"
+        ));
+    }
+    File::create(path).map_err(|err| format!("cannot create {shown}: {err}"))
+}
+
+/// A bar on standard error when it is a terminal; hidden otherwise.
+fn progress_bar(quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{spinner} {elapsed_precise} {wide_bar} {human_pos}/{human_len} ids  {per_sec}  eta {eta}  {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn summary(stats: &RunStats, succeeded: u64, failed: u64, skipped: u64) {
+    let seconds = stats.wall_time.as_secs_f64();
+    let mut line = format!(
+        "fanout: {} ids in {seconds:.2} s ({:.0}/s): {succeeded} succeeded, {failed} failed",
+        succeeded + failed,
+        stats.throughput(),
+    );
+    if !stats.failures.is_empty() {
+        let causes: Vec<String> = stats
+            .failures
+            .iter()
+            .map(|(cause, count)| format!("{cause}: {count}"))
+            .collect();
+        line.push_str(&format!(" ({})", causes.join(", ")));
+    }
+    if stats.retries > 0 {
+        line.push_str(&format!("; {} retries", stats.retries));
+    }
+    if skipped > 0 {
+        line.push_str(&format!(
+            "; {skipped} skipped (done before, or repeated in the input)"
+        ));
+    }
+    eprintln!("{line}");
+}
