@@ -216,7 +216,9 @@ impl<Id, T> FanOutBuilder<Id, T> {
     /// http(s) with a host, fails its id with
     /// [`ErrorKind::InvalidId`]; a panic fails it with [`ErrorKind::Panic`]. Nothing is
     /// sent for such an id. The request is sent with the `FanOut`'s client, whichever
-    /// client built it.
+    /// client built it. With fanout's own client, redirects are then followed only on
+    /// the same host (see [`header`](Self::header)), since the function's headers and
+    /// body may be meant for this server alone.
     ///
     /// Default: a `GET` of the id's URL.
     pub fn request_with<F>(mut self, make: F) -> Self
@@ -718,7 +720,10 @@ impl<Id, T> FanOutBuilder<Id, T> {
         if !headers.contains_key(ACCEPT) {
             headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         }
-        let redirects_stay_on_host = self.client.is_none() && redirect::would_leak(&headers);
+        // A request function's own headers and body are not known here: its requests
+        // follow redirects on the same host only, like requests with secret headers.
+        let redirects_stay_on_host =
+            self.client.is_none() && (redirect::would_leak(&headers) || self.request.is_some());
         let client = match self.client {
             Some(client) => client,
             // A client of our own sends the headers by default: cheaper than copying

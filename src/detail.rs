@@ -75,9 +75,11 @@ impl ErasedRequestFn {
             Error::new(ErrorKind::InvalidId, message).with_source(err)
         })?;
         check(request.url(), "the request function")?;
-        for (name, value) in headers {
+        for name in headers.keys() {
             if !request.headers().contains_key(name) {
-                request.headers_mut().insert(name, value.clone());
+                for value in headers.get_all(name) {
+                    request.headers_mut().append(name, value.clone());
+                }
             }
         }
         Ok(request)

@@ -189,7 +189,10 @@ async fn a_streamed_body_is_sent_once_and_not_retried() {
         .build()
         .unwrap();
 
-    let outcomes = fan.fan_out([9]).collect_ordered().await;
+    let batch = fan.fan_out([9]);
+    let progress = batch.progress();
+    let outcomes = batch.collect_ordered().await;
+    assert_eq!(progress.stats().retries, 0, "no retry planned for it");
     let err = outcomes[0].as_ref().unwrap_err();
     assert_eq!(
         err.status(),

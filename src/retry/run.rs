@@ -107,14 +107,6 @@ fn attempts<T>(
             // In a block of its own, so that the attempt's result takes no room in the
             // future while it sleeps before the next attempt.
             let failure = 'attempt: {
-                if prepared.as_ref().is_some_and(Made::is_spent) {
-                    let note = "not retried: the request's body is a stream, which cannot \
-                                be sent twice";
-                    break 'id Err(match last {
-                        Some(last) => last.with_note(note),
-                        None => Error::request(ErrorKind::Request, url, note),
-                    });
-                }
                 let slot = match deadline {
                     None => ready(shared, &host, &scope).await,
                     // Boxed: only ids with a deadline need room for its timer here.
@@ -199,6 +191,11 @@ fn attempts<T>(
                     Err(failure) => failure,
                 }
             };
+            if prepared.as_ref().is_some_and(Made::is_spent) {
+                let note = "not retried: the request's body is a stream, which cannot be \
+                            sent twice";
+                break 'id Err(failure.error.with_note(note).with_attempts(made));
+            }
             let first = first_sent.unwrap_or_else(Instant::now);
             let (error, resume, delay) =
                 match plan_retry(shared, failure, made, first, deadline, &mut delays, &url) {

@@ -66,6 +66,13 @@ impl<'de> Deserialize<'de> for Id {
             }
 
             fn visit_f64<E: de::Error>(self, number: f64) -> Result<Id, E> {
+                // A whole number past 2^64 arrives as a float, and would be sent as
+                // another id: above 2^53 a float's digits are not the JSON's.
+                if number.fract() == 0.0 && number.abs() >= 9_007_199_254_740_992.0 {
+                    return Err(E::custom(
+                        "an id is a number too large to keep exactly; list it as a string",
+                    ));
+                }
                 serde_json::Number::from_f64(number)
                     .map(Id::Number)
                     .ok_or_else(|| E::custom("an id cannot be NaN or infinite"))
@@ -179,6 +186,7 @@ mod tests {
         let shown: Vec<String> = ids.iter().map(Id::to_string).collect();
         assert_eq!(shown, ["7", "a b", "-3", "1.5"]);
         assert!(serde_json::from_str::<Id>("null").is_err());
+        assert!(serde_json::from_str::<Id>("18446744073709551617").is_err());
         assert!(serde_json::from_str::<Id>(r#"{"id":1}"#).is_err());
     }
 

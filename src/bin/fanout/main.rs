@@ -52,7 +52,10 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => return fail(&format!("cannot start the async runtime: {err}")),
     };
-    match runtime.block_on(run(args)) {
+    let ended = runtime.block_on(run(args));
+    // Whatever is still running (a DNS lookup on a blocking thread) is not waited for.
+    runtime.shutdown_background();
+    match ended {
         Ok(Ended::AllSucceeded) => ExitCode::SUCCESS,
         Ok(Ended::SomeFailed) => ExitCode::from(2),
         Ok(Ended::Interrupted) => ExitCode::from(130),
@@ -85,6 +88,21 @@ async fn run(args: Args) -> Result<Ended, String> {
         }
     };
 
+    // The ids' source first: a mistake there must not touch the output.
+    let counts = Arc::new(Counts::default());
+    let source: BoxStream<'static, Result<Id, BoxError>> = match (&args.list_url, &args.ids_file) {
+        (Some(_), _) => fan.list_ids_stream().map_err(BoxError::from).boxed(),
+        (None, path) => {
+            let path = path.as_deref().filter(|path| path.as_os_str() != "-");
+            if path.is_none() && std::io::stdin().is_terminal() {
+                say("reading ids from the terminal, one per line; Ctrl-D ends them".to_owned());
+            }
+            ids::lines(path)
+                .map_err(|err| err.to_string())?
+                .map_err(BoxError::from)
+                .boxed()
+        }
+    };
     let mut seen = Seen::default();
     let (mut lines, destination) = match &args.output {
         None => (
@@ -115,17 +133,6 @@ async fn run(args: Args) -> Result<Ended, String> {
         }
     };
 
-    let counts = Arc::new(Counts::default());
-    let source: BoxStream<'static, Result<Id, BoxError>> = match (&args.list_url, &args.ids_file) {
-        (Some(_), _) => fan.list_ids_stream().map_err(BoxError::from).boxed(),
-        (None, path) => {
-            let path = path.as_deref().filter(|path| path.as_os_str() != "-");
-            ids::lines(path)
-                .map_err(|err| err.to_string())?
-                .map_err(BoxError::from)
-                .boxed()
-        }
-    };
     let ids = {
         let counts = Arc::clone(&counts);
         let end = Arc::clone(&counts);
@@ -153,7 +160,9 @@ async fn run(args: Args) -> Result<Ended, String> {
     } else {
         batch.try_as_completed().boxed()
     };
-    let bar = progress_bar(quiet);
+    // Lines going to the terminal would be drawn over by a bar.
+    let lines_on_terminal = args.output.is_none() && std::io::stdout().is_terminal();
+    let bar = progress_bar(quiet || lines_on_terminal);
 
     let mut outcomes = outcomes;
     let (mut succeeded, mut failed) = (0u64, 0u64);
@@ -185,7 +194,15 @@ async fn run(args: Args) -> Result<Ended, String> {
                 }
             }
             caught = &mut interrupt, if signals => match caught {
-                Ok(()) => break true,
+                Ok(()) => {
+                    // A second Ctrl-C does not wait for the lines to be written.
+                    tokio::spawn(async {
+                        if tokio::signal::ctrl_c().await.is_ok() {
+                            std::process::exit(130);
+                        }
+                    });
+                    break true;
+                }
                 // No signal handling here: run on without it.
                 Err(_) => signals = false,
             },
@@ -305,7 +322,17 @@ fn create(path: &std::path::Path, overwrite: bool) -> Result<File, String> {
             "{shown} exists; --resume continues the run it holds, --overwrite replaces it"
         ));
     }
-    File::create(path).map_err(|err| format!("cannot create {shown}: {err}"))
+    // Emptied only once it is ours: another run may be writing it.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|err| format!("cannot create {shown}: {err}"))?;
+    resume::lock(&file, path)?;
+    file.set_len(0)
+        .map_err(|err| format!("cannot empty {shown}: {err}"))?;
+    Ok(file)
 }
 
 /// A bar on standard error when it is a terminal; hidden otherwise.

@@ -94,8 +94,9 @@ impl Lines {
     pub(crate) fn finish(mut self) -> io::Result<()> {
         self.flush()?;
         match &self.file {
-            Some(file) => file.sync_data(),
-            None => Ok(()),
+            // Devices and pipes (`-o /dev/stdout`) have nothing to sync.
+            Some(file) if file.metadata()?.is_file() => file.sync_data(),
+            _ => Ok(()),
         }
     }
 }

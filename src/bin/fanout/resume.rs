@@ -43,6 +43,9 @@ pub(crate) fn open(path: &Path, seen: &mut Seen) -> Result<Resumed, String> {
         .create(true)
         .open(path)
         .map_err(|err| format!("cannot open {shown}: {err}"))?;
+    lock(&file, path)?;
+    // A link is followed: the file it leads to is rewritten, not the link replaced.
+    let path = &std::fs::canonicalize(path).map_err(|err| format!("cannot open {shown}: {err}"))?;
 
     let mut reader = BufReader::with_capacity(256 * 1024, &file);
     let mut line = Vec::new();
@@ -59,6 +62,15 @@ pub(crate) fn open(path: &Path, seen: &mut Seen) -> Result<Resumed, String> {
         }
         let read = read as u64;
         if line.last() != Some(&b'\n') {
+            // Cut off only what looks like the start of one of our lines: a file of
+            // someone else's that lacks a final line break is not ours to shorten.
+            const START: &[u8] = b"{\"id\":";
+            if !(line.starts_with(START) || START.starts_with(&line)) {
+                return Err(format!(
+                    "{shown} ends in something that is not a line this command writes; \
+                     not resuming into it"
+                ));
+            }
             break read;
         }
         lines += 1;
@@ -82,8 +94,10 @@ pub(crate) fn open(path: &Path, seen: &mut Seen) -> Result<Resumed, String> {
     drop(reader);
 
     let file = if !removed.is_empty() {
-        rewrite(path, &file, at, &removed)
-            .map_err(|err| format!("cannot rewrite {shown}: {err}"))?
+        let file = rewrite(path, &file, at, &removed)
+            .map_err(|err| format!("cannot rewrite {shown}: {err}"))?;
+        lock(&file, path)?;
+        file
     } else {
         if torn > 0 {
             file.set_len(at)
@@ -104,7 +118,25 @@ pub(crate) fn open(path: &Path, seen: &mut Seen) -> Result<Resumed, String> {
 /// file or the new one, whole.
 fn rewrite(path: &Path, file: &File, end: u64, removed: &[Range<u64>]) -> io::Result<File> {
     let temporary = sibling(path);
-    let mut out = io::BufWriter::new(File::create(&temporary)?);
+    let copied = copy_without(file, &temporary, end, removed);
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    copied?;
+    std::fs::rename(&temporary, path)?;
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        // The rename itself, on disk; not every platform lets a directory be synced.
+        let _ = File::open(dir).and_then(|dir| dir.sync_all());
+    }
+    OpenOptions::new().read(true).append(true).open(path)
+}
+
+/// Writes the first `end` bytes of `file`, less the `removed` spans, to `to`, with the
+/// same permissions, and syncs it to disk.
+fn copy_without(file: &File, to: &Path, end: u64, removed: &[Range<u64>]) -> io::Result<()> {
+    let mut out = io::BufWriter::new(File::create(to)?);
+    out.get_ref()
+        .set_permissions(file.metadata()?.permissions())?;
     let mut input = BufReader::new(file);
     std::io::Seek::rewind(&mut input)?;
     let mut at = 0;
@@ -116,15 +148,32 @@ fn rewrite(path: &Path, file: &File, end: u64, removed: &[Range<u64>]) -> io::Re
         )?;
         at = span.end;
     }
-    let out = out.into_inner().map_err(io::IntoInnerError::into_error)?;
-    out.sync_all()?;
-    drop(out);
-    std::fs::rename(&temporary, path)?;
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        // The rename itself, on disk; not every platform lets a directory be synced.
-        let _ = File::open(dir).and_then(|dir| dir.sync_all());
+    out.into_inner()
+        .map_err(io::IntoInnerError::into_error)?
+        .sync_all()
+}
+
+/// Takes the output file for this run alone, or says that another run has it.
+pub(crate) fn lock(file: &File, path: &Path) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock only reads the descriptor, which `file` keeps open.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if locked != 0 {
+            let err = io::Error::last_os_error();
+            return Err(match err.kind() {
+                io::ErrorKind::WouldBlock => format!(
+                    "another fanout run is writing {}; wait for it to end",
+                    path.display()
+                ),
+                _ => format!("cannot lock {}: {err}", path.display()),
+            });
+        }
     }
-    OpenOptions::new().read(true).append(true).open(path)
+    #[cfg(not(unix))]
+    let _ = (file, path);
+    Ok(())
 }
 
 /// `path` with `.resume-tmp` added to its name.
@@ -186,6 +235,32 @@ mod tests {
         let (result, after, _) = resume(&content);
         assert!(result.unwrap_err().contains("line 2 of"));
         assert_eq!(after, content);
+        // Nor is one that merely lacks its last line break.
+        for content in ["{\"token\": \"x\"}", &format!("{OK1}precious")] {
+            let (result, after, _) = resume(content);
+            assert!(
+                result
+                    .unwrap_err()
+                    .contains("not a line this command writes")
+            );
+            assert_eq!(after, content);
+        }
+    }
+
+    #[test]
+    fn one_run_at_a_time() {
+        let path = std::env::temp_dir().join(format!("fanout-lock-{}", fastrand::u64(..)));
+        let first = File::create(&path).unwrap();
+        lock(&first, &path).unwrap();
+        let second = OpenOptions::new().append(true).open(&path).unwrap();
+        assert!(
+            lock(&second, &path)
+                .unwrap_err()
+                .contains("another fanout run")
+        );
+        drop(first);
+        lock(&second, &path).unwrap();
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
