@@ -359,6 +359,10 @@ fn a_resumed_run_tries_failed_ids_again_and_keeps_one_line_each() {
         stderr.contains("45 ids done before, 5 failed ids to try again"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("removed the 5 earlier failure lines"),
+        "{stderr}"
+    );
     let lines = read_lines(&out);
     assert_eq!(lines.len(), 50);
     assert!(lines.iter().all(|line| line["ok"] == true));

@@ -83,22 +83,42 @@ impl<'de> Deserialize<'de> for Id {
     }
 }
 
-/// The ids seen so far, by a 128-bit hash of their `Display` form (16 bytes an id,
-/// whatever its length): those an earlier run finished, then each one admitted, so
-/// that every id is fetched once. Two distinct ids share a hash with a chance of about
-/// 10^-21 in a billion.
+/// An id's key: a 128-bit hash of its `Display` form (16 bytes, whatever the id's
+/// length). Two distinct ids share a key with a chance of about 10^-21 in a billion.
+#[derive(Clone, Default)]
+pub(crate) struct Keys(RandomState, RandomState);
+
+impl Keys {
+    pub(crate) fn of(&self, id: &str) -> u128 {
+        (u128::from(self.0.hash_one(id)) << 64) | u128::from(self.1.hash_one(id))
+    }
+}
+
+/// The ids seen so far, by key: those an earlier run finished, then each one admitted,
+/// so that every id is fetched once.
 #[derive(Default)]
 pub(crate) struct Seen {
     hashes: HashSet<u128>,
-    keys: (RandomState, RandomState),
+    keys: Keys,
 }
 
 impl Seen {
     /// True the first time an id with this `Display` form is offered.
     pub(crate) fn insert(&mut self, id: &str) -> bool {
-        let key =
-            (u128::from(self.keys.0.hash_one(id)) << 64) | u128::from(self.keys.1.hash_one(id));
+        self.insert_key(self.keys.of(id))
+    }
+
+    pub(crate) fn insert_key(&mut self, key: u128) -> bool {
         self.hashes.insert(key)
+    }
+
+    pub(crate) fn contains_key(&self, key: u128) -> bool {
+        self.hashes.contains(&key)
+    }
+
+    /// How this set makes its keys.
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     #[cfg(test)]

@@ -104,6 +104,7 @@ async fn run(args: Args) -> Result<Ended, String> {
         }
     };
     let mut seen = Seen::default();
+    let mut failures = None;
     let (mut lines, destination) = match &args.output {
         None => (
             Lines::stdout(std::io::stdout().is_terminal()),
@@ -115,7 +116,8 @@ async fn run(args: Args) -> Result<Ended, String> {
                 let resumed = resume::open(path, &mut seen)?;
                 let mut note = format!(
                     "resuming {shown}: {} ids done before, {} failed ids to try again",
-                    resumed.done, resumed.retried
+                    resumed.done,
+                    resumed.failures.len()
                 );
                 if resumed.torn > 0 {
                     note.push_str(&format!(
@@ -124,6 +126,7 @@ async fn run(args: Args) -> Result<Ended, String> {
                     ));
                 }
                 say(note);
+                failures = Some(resumed.failures);
                 resumed.file
             } else {
                 create(path, args.overwrite)?
@@ -179,6 +182,9 @@ async fn run(args: Args) -> Result<Ended, String> {
                     if let Err(err) = lines.outcome(&id, &result) {
                         return Err(format!("cannot write {destination}: {err}"));
                     }
+                    if let Some(failures) = &mut failures {
+                        failures.written(&id);
+                    }
                     bar.inc(1);
                     if failed > 0 && result.is_err() {
                         bar.set_message(format!("{failed} failed"));
@@ -214,6 +220,16 @@ async fn run(args: Args) -> Result<Ended, String> {
     lines
         .finish()
         .map_err(|err| format!("cannot write {destination}: {err}"))?;
+    if let Some(failures) = failures {
+        let removed = failures.compact().map_err(|err| {
+            format!("{err}; the next --resume removes the failed lines that have new ones")
+        })?;
+        if removed > 0 {
+            say(format!(
+                "removed the {removed} earlier failure lines of ids tried again"
+            ));
+        }
+    }
 
     if !quiet {
         summary(

@@ -1,5 +1,6 @@
 //! `--resume`: what an earlier run left in the output file.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
 use std::ops::Range;
@@ -7,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::ids::{Id, Seen};
+use crate::ids::{Id, Keys, Seen};
 
 /// The part of a line that resuming reads.
 #[derive(Deserialize)]
@@ -21,17 +22,67 @@ pub(crate) struct Resumed {
     pub(crate) file: File,
     /// Ids the file holds a success for: they are skipped.
     pub(crate) done: u64,
-    /// Failed ids whose lines were removed: they are tried again.
-    pub(crate) retried: u64,
+    /// The failed ids' lines, replaced once those ids have new ones.
+    pub(crate) failures: Failures,
     /// The bytes of a torn last line that were cut off, if there was one.
     pub(crate) torn: u64,
 }
 
+/// The lines of ids that failed in an earlier run, which this run tries again. Each
+/// stays in the file until its id has a new line; [`compact`](Failures::compact) then
+/// removes it.
+pub(crate) struct Failures {
+    /// Where the output file really is (a link followed), for the rewrite.
+    path: PathBuf,
+    keys: Keys,
+    /// Each failed id's line, by key.
+    lines: HashMap<u128, Range<u64>>,
+    /// The lines of ids that have a new line now.
+    replaced: Vec<Range<u64>>,
+}
+
+impl Failures {
+    /// How many failed ids the file held.
+    pub(crate) fn len(&self) -> usize {
+        self.lines.len() + self.replaced.len()
+    }
+
+    /// Notes that `id` has a new line: its old one, if it failed before, can go.
+    pub(crate) fn written(&mut self, id: &Id) {
+        if !self.lines.is_empty()
+            && let Some(line) = self.lines.remove(&self.keys.of(&id.to_string()))
+        {
+            self.replaced.push(line);
+        }
+    }
+
+    /// Removes the lines of the failed ids that have new lines, rewriting the file;
+    /// returns how many. Until this runs (a run killed first), the next resume sees
+    /// both lines of such an id and keeps the newer.
+    pub(crate) fn compact(mut self) -> Result<usize, String> {
+        if self.replaced.is_empty() {
+            return Ok(0);
+        }
+        let shown = self.path.display();
+        let file = File::open(&self.path).map_err(|err| format!("cannot open {shown}: {err}"))?;
+        let end = file
+            .metadata()
+            .map_err(|err| format!("cannot read {shown}: {err}"))?
+            .len();
+        self.replaced.sort_by_key(|line| line.start);
+        rewrite(&self.path, &file, end, &self.replaced)
+            .map_err(|err| format!("cannot rewrite {shown}: {err}"))?;
+        Ok(self.replaced.len())
+    }
+}
+
 /// Reads the output file an earlier run left at `path` (an empty one if there is none),
-/// adding the ids it holds a success for to `seen`. Then makes every id appear at most
-/// once, and only as a success: failed ids' lines are removed (the file is rewritten
-/// without them, through a temporary file renamed over it), and so is a torn last line,
-/// left by a run killed as it wrote.
+/// adding the ids it holds a success for to `seen`, and noting the lines of those that
+/// failed. Where an id has more than one line (a run killed before it could
+/// [`compact`](Failures::compact)), the newest is kept: a success over any failure, a
+/// later failure over an earlier one; the others are removed, rewriting the file
+/// through a temporary one renamed over it. A torn last line, left by a run killed as
+/// it wrote, is cut off.
 ///
 /// A complete line that is not one this command writes is an error: the file is not
 /// touched.
@@ -45,12 +96,13 @@ pub(crate) fn open(path: &Path, seen: &mut Seen) -> Result<Resumed, String> {
         .map_err(|err| format!("cannot open {shown}: {err}"))?;
     lock(&file, path)?;
     // A link is followed: the file it leads to is rewritten, not the link replaced.
-    let path = &std::fs::canonicalize(path).map_err(|err| format!("cannot open {shown}: {err}"))?;
+    let path = std::fs::canonicalize(path).map_err(|err| format!("cannot open {shown}: {err}"))?;
 
     let mut reader = BufReader::with_capacity(256 * 1024, &file);
     let mut line = Vec::new();
-    let (mut at, mut lines, mut done, mut retried) = (0u64, 0u64, 0u64, 0u64);
-    // Lines to leave out: failed ids, and any second line for an id.
+    let (mut at, mut lines, mut done) = (0u64, 0u64, 0u64);
+    let mut failed: HashMap<u128, Range<u64>> = HashMap::new();
+    // Lines to leave out: those of ids with a newer line.
     let mut removed: Vec<Range<u64>> = Vec::new();
     let torn = loop {
         line.clear();
@@ -81,22 +133,41 @@ pub(crate) fn open(path: &Path, seen: &mut Seen) -> Result<Resumed, String> {
             )
         })?;
         let span = at..at + read;
-        if !parsed.ok {
-            retried += 1;
+        let key = seen.keys().of(&parsed.id.to_string());
+        if parsed.ok {
+            if seen.insert_key(key) {
+                done += 1;
+                removed.extend(failed.remove(&key));
+            } else {
+                removed.push(span);
+            }
+        } else if seen.contains_key(key) {
             removed.push(span);
-        } else if seen.insert(&parsed.id.to_string()) {
-            done += 1;
         } else {
-            removed.push(span);
+            removed.extend(failed.insert(key, span));
         }
         at += read;
     };
     drop(reader);
 
     let file = if !removed.is_empty() {
-        let file = rewrite(path, &file, at, &removed)
+        removed.sort_by_key(|line| line.start);
+        // The failed lines kept move up by the bytes removed before them.
+        let gone_before: Vec<u64> = removed
+            .iter()
+            .scan(0, |gone, line| {
+                *gone += line.end - line.start;
+                Some(*gone)
+            })
+            .collect();
+        for line in failed.values_mut() {
+            let before = removed.partition_point(|r| r.start < line.start);
+            let gone = before.checked_sub(1).map_or(0, |last| gone_before[last]);
+            *line = line.start - gone..line.end - gone;
+        }
+        let file = rewrite(&path, &file, at, &removed)
             .map_err(|err| format!("cannot rewrite {shown}: {err}"))?;
-        lock(&file, path)?;
+        lock(&file, &path)?;
         file
     } else {
         if torn > 0 {
@@ -105,10 +176,16 @@ pub(crate) fn open(path: &Path, seen: &mut Seen) -> Result<Resumed, String> {
         }
         file
     };
+    let failures = Failures {
+        path,
+        keys: seen.keys().clone(),
+        lines: failed,
+        replaced: Vec::new(),
+    };
     Ok(Resumed {
         file,
         done,
-        retried,
+        failures,
         torn,
     })
 }
@@ -187,63 +264,115 @@ fn sibling(path: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
-    fn resume(content: &str) -> (Result<(u64, u64, u64), String>, String, usize) {
+    struct Outcome {
+        result: Result<(u64, usize, u64), String>,
+        after: String,
+        seen: usize,
+        failures: Option<Failures>,
+        dir: PathBuf,
+    }
+
+    impl Drop for Outcome {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn resume(content: &str) -> Outcome {
         let dir = std::env::temp_dir().join(format!("fanout-resume-{}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("out.ndjson");
         std::fs::write(&path, content).unwrap();
         let mut seen = Seen::default();
-        let result = open(&path, &mut seen).map(|r| (r.done, r.retried, r.torn));
+        let (result, failures) = match open(&path, &mut seen) {
+            Ok(r) => (Ok((r.done, r.failures.len(), r.torn)), Some(r.failures)),
+            Err(err) => (Err(err), None),
+        };
         let after = std::fs::read_to_string(&path).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-        (result, after, seen.len())
+        Outcome {
+            result,
+            after,
+            seen: seen.len(),
+            failures,
+            dir,
+        }
     }
 
     const OK1: &str = "{\"id\":1,\"ok\":true,\"data\":{\"n\":1}}\n";
     const OK2: &str = "{\"id\":\"b\",\"ok\":true,\"data\":[]}\n";
     const FAILED3: &str = "{\"id\":3,\"ok\":false,\"error\":{\"kind\":\"status\"}}\n";
+    const FAILED3_AGAIN: &str = "{\"id\":3,\"ok\":false,\"error\":{\"kind\":\"timeout\"}}\n";
+    const OK3: &str = "{\"id\":3,\"ok\":true,\"data\":{}}\n";
 
     #[test]
-    fn successes_are_kept_and_failures_removed() {
-        let (result, after, seen) = resume(&format!("{OK1}{FAILED3}{OK2}"));
-        assert_eq!(result, Ok((2, 1, 0)));
-        assert_eq!(after, format!("{OK1}{OK2}"));
-        assert_eq!(seen, 2);
+    fn failures_stay_until_their_ids_have_new_lines() {
+        let mut outcome = resume(&format!("{OK1}{FAILED3}{OK2}"));
+        assert_eq!(outcome.result, Ok((2, 1, 0)));
+        assert_eq!(outcome.after, format!("{OK1}{FAILED3}{OK2}"));
+        assert_eq!(outcome.seen, 2, "the failed id is fetched again");
+
+        // The run writes id 3 again; compacting removes its old line.
+        let path = outcome.dir.join("out.ndjson");
+        let mut failures = outcome.failures.take().unwrap();
+        std::fs::write(&path, format!("{OK1}{FAILED3}{OK2}{OK3}")).unwrap();
+        failures.written(&Id::Text("b".into()));
+        failures.written(&Id::Number(3.into()));
+        assert_eq!(failures.compact(), Ok(1));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{OK1}{OK2}{OK3}")
+        );
+    }
+
+    #[test]
+    fn after_a_crash_before_compacting_the_newest_line_is_kept() {
+        let outcome = resume(&format!("{FAILED3}{OK1}{OK3}"));
+        assert_eq!(outcome.result, Ok((2, 0, 0)));
+        assert_eq!(outcome.after, format!("{OK1}{OK3}"));
+        let mut outcome = resume(&format!("{FAILED3}{OK1}{FAILED3_AGAIN}{OK2}"));
+        assert_eq!(outcome.result, Ok((2, 1, 0)));
+        assert_eq!(outcome.after, format!("{OK1}{FAILED3_AGAIN}{OK2}"));
+        // The kept failure's line moved up; compacting still finds it.
+        let mut failures = outcome.failures.take().unwrap();
+        failures.written(&Id::Number(3.into()));
+        assert_eq!(failures.compact(), Ok(1));
+        let path = outcome.dir.join("out.ndjson");
+        assert_eq!(
+            std::fs::read_to_string(path).unwrap(),
+            format!("{OK1}{OK2}")
+        );
     }
 
     #[test]
     fn a_torn_last_line_is_cut_off() {
-        let (result, after, _) = resume(&format!("{OK1}{OK2}{{\"id\":4,\"ok\":tr"));
-        assert_eq!(result, Ok((2, 0, 15)));
-        assert_eq!(after, format!("{OK1}{OK2}"));
-        // With a failure to remove as well.
-        let (result, after, _) = resume(&format!("{FAILED3}{OK1}{{\"id\""));
-        assert_eq!(result, Ok((1, 1, 5)));
-        assert_eq!(after, OK1);
+        let outcome = resume(&format!("{OK1}{OK2}{{\"id\":4,\"ok\":tr"));
+        assert_eq!(outcome.result, Ok((2, 0, 15)));
+        assert_eq!(outcome.after, format!("{OK1}{OK2}"));
+        // With a repeated line to remove as well.
+        let outcome = resume(&format!("{OK1}{OK1}{{\"id\""));
+        assert_eq!(outcome.result, Ok((1, 0, 5)));
+        assert_eq!(outcome.after, OK1);
     }
 
     #[test]
     fn a_second_line_for_an_id_is_removed() {
-        let (result, after, _) = resume(&format!("{OK1}{OK1}{OK2}"));
-        assert_eq!(result, Ok((2, 0, 0)));
-        assert_eq!(after, format!("{OK1}{OK2}"));
+        let outcome = resume(&format!("{OK1}{OK1}{OK2}"));
+        assert_eq!(outcome.result, Ok((2, 0, 0)));
+        assert_eq!(outcome.after, format!("{OK1}{OK2}"));
     }
 
     #[test]
     fn a_file_that_is_not_ours_is_left_alone() {
         let content = format!("{OK1}name,views\n{OK2}");
-        let (result, after, _) = resume(&content);
-        assert!(result.unwrap_err().contains("line 2 of"));
-        assert_eq!(after, content);
+        let outcome = resume(&content);
+        assert!(outcome.result.as_ref().unwrap_err().contains("line 2 of"));
+        assert_eq!(outcome.after, content);
         // Nor is one that merely lacks its last line break.
         for content in ["{\"token\": \"x\"}", &format!("{OK1}precious")] {
-            let (result, after, _) = resume(content);
-            assert!(
-                result
-                    .unwrap_err()
-                    .contains("not a line this command writes")
-            );
-            assert_eq!(after, content);
+            let outcome = resume(content);
+            let err = outcome.result.as_ref().unwrap_err();
+            assert!(err.contains("not a line this command writes"), "{err}");
+            assert_eq!(outcome.after, content);
         }
     }
 
@@ -264,9 +393,9 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_or_missing_file_is_a_fresh_start() {
-        let (result, after, _) = resume("");
-        assert_eq!(result, Ok((0, 0, 0)));
-        assert_eq!(after, "");
+    fn an_empty_file_is_a_fresh_start() {
+        let outcome = resume("");
+        assert_eq!(outcome.result, Ok((0, 0, 0)));
+        assert_eq!(outcome.after, "");
     }
 }
