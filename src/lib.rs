@@ -120,10 +120,23 @@
 //!
 //! # Where ids come from
 //!
-//! Any iterator ([`FanOut::fan_out`]) or stream ([`FanOut::fan_out_stream`]), pulled
-//! only as slots free up; or a list endpoint ([`FanOutBuilder::list_url`]), read whole
-//! with [`FanOut::list_ids`] or page by page into the detail requests with
-//! [`FanOut::fan_out_listed`], following its [`Pagination`].
+//! Any iterator ([`FanOut::fan_out`]) or stream ([`FanOut::fan_out_stream`], or
+//! [`FanOut::fan_out_try_stream`] for a source that can fail), pulled only as slots
+//! free up; or a list endpoint ([`FanOutBuilder::list_url`]), read whole with
+//! [`FanOut::list_ids`], page by page into the detail requests with
+//! [`FanOut::fan_out_listed`], or as a stream to filter first with
+//! [`FanOut::list_ids_stream`], following its [`Pagination`].
+//!
+//! A request other than a `GET` of the id's URL (a `POST` with a body per id, headers
+//! of its own) comes from [`FanOutBuilder::request_with`].
+//!
+//! # Features
+//!
+//! - `rustls` and `http2` (default): TLS through rustls, HTTP/2 by ALPN.
+//! - `cli` (default): the `fanout` command, so that `cargo install fanout` builds it;
+//!   it brings clap and indicatif. A library user who does not want them compiled sets
+//!   `default-features = false, features = ["rustls", "http2"]`.
+//! - `redis`: several workers on one job (below).
 //!
 //! # More than one machine
 //!

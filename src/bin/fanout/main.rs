@@ -25,6 +25,7 @@ use serde_json::value::RawValue;
 use crate::args::Args;
 use crate::ids::{Id, Seen};
 use crate::output::{FLUSH_EVERY, Lines};
+use crate::resume::Failures;
 
 /// What is fetched: the body as it came, checked to be JSON and copied into the line.
 type Record = Box<RawValue>;
@@ -81,93 +82,28 @@ struct Counts {
 
 async fn run(args: Args) -> Result<Ended, String> {
     let fan = build(&args)?;
-    let quiet = args.quiet;
-    let say = |message: String| {
-        if !quiet {
-            eprintln!("fanout: {message}");
-        }
-    };
-
+    let notes = Notes { quiet: args.quiet };
     // The ids' source first: a mistake there must not touch the output.
-    let counts = Arc::new(Counts::default());
-    let source: BoxStream<'static, Result<Id, BoxError>> = match (&args.list_url, &args.ids_file) {
-        (Some(_), _) => fan.list_ids_stream().map_err(BoxError::from).boxed(),
-        (None, path) => {
-            let path = path.as_deref().filter(|path| path.as_os_str() != "-");
-            if path.is_none() && std::io::stdin().is_terminal() {
-                say("reading ids from the terminal, one per line; Ctrl-D ends them".to_owned());
-            }
-            ids::lines(path)
-                .map_err(|err| err.to_string())?
-                .map_err(BoxError::from)
-                .boxed()
-        }
-    };
+    let source = id_source(&args, &fan, &notes)?;
     let mut seen = Seen::default();
-    let mut failures = None;
-    let (mut lines, destination) = match &args.output {
-        None => (
-            Lines::stdout(std::io::stdout().is_terminal()),
-            "standard output".to_owned(),
-        ),
-        Some(path) => {
-            let shown = path.display().to_string();
-            let file = if args.resume {
-                let resumed = resume::open(path, &mut seen)?;
-                let mut note = format!(
-                    "resuming {shown}: {} ids done before, {} failed ids to try again",
-                    resumed.done,
-                    resumed.failures.len()
-                );
-                if resumed.torn > 0 {
-                    note.push_str(&format!(
-                        "; cut off a torn last line ({} bytes) left by an interrupted run",
-                        resumed.torn
-                    ));
-                }
-                say(note);
-                failures = Some(resumed.failures);
-                resumed.file
-            } else {
-                create(path, args.overwrite)?
-            };
-            let lines = Lines::file(file).map_err(|err| format!("cannot write {shown}: {err}"))?;
-            (lines, shown)
-        }
-    };
-
-    let ids = {
-        let counts = Arc::clone(&counts);
-        let end = Arc::clone(&counts);
-        source
-            .try_filter(move |id| {
-                let first = seen.insert(&id.to_string());
-                let count = if first {
-                    &counts.admitted
-                } else {
-                    &counts.skipped
-                };
-                count.fetch_add(1, Ordering::Relaxed);
-                std::future::ready(first)
-            })
-            .chain(stream::poll_fn(move |_| {
-                end.ended.store(true, Ordering::Relaxed);
-                std::task::Poll::Ready(None)
-            }))
-    };
-
-    let batch = fan.fan_out_try_stream(ids);
+    let Output {
+        mut lines,
+        destination,
+        mut failures,
+    } = output(&args, &mut seen, &notes)?;
+    let counts = Arc::new(Counts::default());
+    let batch = fan.fan_out_try_stream(first_times(source, seen, &counts));
     let progress = batch.progress();
-    let outcomes = if args.ordered {
+    let mut outcomes = if args.ordered {
         batch.try_in_order().boxed()
     } else {
         batch.try_as_completed().boxed()
     };
     // Lines going to the terminal would be drawn over by a bar.
     let lines_on_terminal = args.output.is_none() && std::io::stdout().is_terminal();
-    let bar = progress_bar(quiet || lines_on_terminal);
+    let bar = progress_bar(args.quiet || lines_on_terminal);
 
-    let mut outcomes = outcomes;
+    let cannot_write = |err: std::io::Error| format!("cannot write {destination}: {err}");
     let (mut succeeded, mut failed) = (0u64, 0u64);
     let mut input_error: Option<Error> = None;
     let mut interrupt = pin!(tokio::signal::ctrl_c());
@@ -179,14 +115,12 @@ async fn run(args: Args) -> Result<Ended, String> {
                 None => break false,
                 Some(Ok((id, result))) => {
                     if result.is_ok() { succeeded += 1 } else { failed += 1 }
-                    if let Err(err) = lines.outcome(&id, &result) {
-                        return Err(format!("cannot write {destination}: {err}"));
-                    }
+                    lines.outcome(&id, &result).map_err(cannot_write)?;
                     if let Some(failures) = &mut failures {
                         failures.written(&id);
                     }
                     bar.inc(1);
-                    if failed > 0 && result.is_err() {
+                    if result.is_err() {
                         bar.set_message(format!("{failed} failed"));
                     }
                 }
@@ -194,7 +128,7 @@ async fn run(args: Args) -> Result<Ended, String> {
                 Some(Err(err)) => input_error = Some(err),
             },
             _ = tick.tick() => {
-                lines.flush().map_err(|err| format!("cannot write {destination}: {err}"))?;
+                lines.flush().map_err(cannot_write)?;
                 if counts.ended.load(Ordering::Relaxed) {
                     bar.set_length(counts.admitted.load(Ordering::Relaxed));
                 }
@@ -217,21 +151,19 @@ async fn run(args: Args) -> Result<Ended, String> {
     // Cancels whatever is still in flight.
     drop(outcomes);
     bar.finish_and_clear();
-    lines
-        .finish()
-        .map_err(|err| format!("cannot write {destination}: {err}"))?;
+    lines.finish().map_err(cannot_write)?;
     if let Some(failures) = failures {
         let removed = failures.compact().map_err(|err| {
             format!("{err}; the next --resume removes the failed lines that have new ones")
         })?;
         if removed > 0 {
-            say(format!(
+            notes.say(format_args!(
                 "removed the {removed} earlier failure lines of ids tried again"
             ));
         }
     }
 
-    if !quiet {
+    if !args.quiet {
         summary(
             &progress.stats(),
             succeeded,
@@ -250,7 +182,7 @@ async fn run(args: Args) -> Result<Ended, String> {
         ));
     }
     if interrupted {
-        say(format!("interrupted{resume_hint}"));
+        notes.say(format_args!("interrupted{resume_hint}"));
         return Ok(Ended::Interrupted);
     }
     Ok(if failed == 0 {
@@ -258,6 +190,109 @@ async fn run(args: Args) -> Result<Ended, String> {
     } else {
         Ended::SomeFailed
     })
+}
+
+/// What goes to standard error besides errors, unless `--quiet`.
+struct Notes {
+    quiet: bool,
+}
+
+impl Notes {
+    fn say(&self, message: impl std::fmt::Display) {
+        if !self.quiet {
+            eprintln!("fanout: {message}");
+        }
+    }
+}
+
+/// The ids, from the list endpoint, the ids file or standard input.
+fn id_source(
+    args: &Args,
+    fan: &FanOut<Id, Record>,
+    notes: &Notes,
+) -> Result<BoxStream<'static, Result<Id, BoxError>>, String> {
+    if args.list_url.is_some() {
+        return Ok(fan.list_ids_stream().map_err(BoxError::from).boxed());
+    }
+    let path = args
+        .ids_file
+        .as_deref()
+        .filter(|path| path.as_os_str() != "-");
+    if path.is_none() && std::io::stdin().is_terminal() {
+        notes.say("reading ids from the terminal, one per line; Ctrl-D ends them");
+    }
+    let lines = ids::lines(path).map_err(|err| err.to_string())?;
+    Ok(lines.map_err(BoxError::from).boxed())
+}
+
+/// Where the lines go, and what `--resume` found there.
+struct Output {
+    lines: Lines,
+    /// For messages: the file's name, or "standard output".
+    destination: String,
+    /// The failed ids' lines that `--resume` found, to remove once replaced.
+    failures: Option<Failures>,
+}
+
+/// Opens the output: standard output, a new file, or with `--resume` the file an
+/// earlier run left, whose finished ids go into `seen`.
+fn output(args: &Args, seen: &mut Seen, notes: &Notes) -> Result<Output, String> {
+    let Some(path) = &args.output else {
+        return Ok(Output {
+            lines: Lines::stdout(std::io::stdout().is_terminal()),
+            destination: "standard output".to_owned(),
+            failures: None,
+        });
+    };
+    let shown = path.display().to_string();
+    let (file, failures) = if args.resume {
+        let resumed = resume::open(path, seen)?;
+        let mut note = format!(
+            "resuming {shown}: {} ids done before, {} failed ids to try again",
+            resumed.done,
+            resumed.failures.len()
+        );
+        if resumed.torn > 0 {
+            note.push_str(&format!(
+                "; cut off a torn last line ({} bytes) left by an interrupted run",
+                resumed.torn
+            ));
+        }
+        notes.say(note);
+        (resumed.file, Some(resumed.failures))
+    } else {
+        (create(path, args.overwrite)?, None)
+    };
+    Ok(Output {
+        lines: Lines::file(file).map_err(|err| format!("cannot write {shown}: {err}"))?,
+        destination: shown,
+        failures,
+    })
+}
+
+/// The ids not in `seen` yet, each once, counted in `counts`; `counts.ended` is set
+/// when the source ends.
+fn first_times(
+    source: BoxStream<'static, Result<Id, BoxError>>,
+    mut seen: Seen,
+    counts: &Arc<Counts>,
+) -> impl futures::Stream<Item = Result<Id, BoxError>> + Send + 'static {
+    let (counted, end) = (Arc::clone(counts), Arc::clone(counts));
+    source
+        .try_filter(move |id| {
+            let first = seen.insert(&id.to_string());
+            let count = if first {
+                &counted.admitted
+            } else {
+                &counted.skipped
+            };
+            count.fetch_add(1, Ordering::Relaxed);
+            std::future::ready(first)
+        })
+        .chain(stream::poll_fn(move |_| {
+            end.ended.store(true, Ordering::Relaxed);
+            std::task::Poll::Ready(None)
+        }))
 }
 
 /// The `FanOut` the arguments describe.
