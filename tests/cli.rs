@@ -167,7 +167,7 @@ fn a_bad_template_is_one_line_on_stderr_and_exit_1() {
 #[test]
 fn usage_and_configuration_errors_exit_1() {
     let template = "http://127.0.0.1:9/items/{id}";
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--detail-url", template, "--no-such-flag"],
             "--no-such-flag",
@@ -188,11 +188,23 @@ fn usage_and_configuration_errors_exit_1() {
             ],
             "is not set",
         ),
+        (
+            &[
+                "--detail-url",
+                template,
+                "--bearer-env",
+                "FANOUT_TEST_TOKEN",
+                "-H",
+                "authorization: x",
+            ],
+            "both set the Authorization header",
+        ),
     ];
     for (args, says) in cases {
         let output = fanout()
             .args(args)
             .env_remove("FANOUT_TEST_UNSET_TOKEN")
+            .env("FANOUT_TEST_TOKEN", "t")
             .write_stdin("1\n")
             .output()
             .unwrap();

@@ -316,6 +316,17 @@ fn build(args: &Args) -> Result<FanOut<Id, Record>, String> {
         builder = builder.header(name, value.as_str());
     }
     if let Some(var) = &args.bearer_env {
+        if args
+            .headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+        {
+            return Err(
+                "--bearer-env and -H 'Authorization: ...' both set the Authorization header; \
+                 give one"
+                    .to_owned(),
+            );
+        }
         let token = std::env::var(var).map_err(|err| match err {
             std::env::VarError::NotPresent => {
                 format!("--bearer-env: the environment variable {var} is not set")
