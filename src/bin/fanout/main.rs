@@ -134,26 +134,27 @@ async fn run(args: Args) -> Result<Ended, String> {
                 }
             }
             caught = &mut interrupt, if signals => match caught {
-                Ok(()) => {
-                    // A second Ctrl-C does not wait for the lines to be written.
-                    tokio::spawn(async {
-                        if tokio::signal::ctrl_c().await.is_ok() {
-                            std::process::exit(130);
-                        }
-                    });
-                    break true;
-                }
+                Ok(()) => break true,
                 // No signal handling here: run on without it.
                 Err(_) => signals = false,
             },
         }
     };
+    if signals {
+        // From here on, Ctrl-C (a second one, if it ended the run) does not wait for
+        // the lines to be written out.
+        tokio::spawn(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        });
+    }
     // Cancels whatever is still in flight.
     drop(outcomes);
     bar.finish_and_clear();
-    lines.finish().map_err(cannot_write)?;
-    if let Some(failures) = failures {
-        let removed = failures.compact().map_err(|err| {
+    let file = lines.finish().map_err(cannot_write)?;
+    if let (Some(failures), Some(file)) = (failures, &file) {
+        let removed = failures.compact(file).map_err(|err| {
             format!("{err}; the next --resume removes the failed lines that have new ones")
         })?;
         if removed > 0 {
@@ -385,13 +386,13 @@ fn create(path: &std::path::Path, overwrite: bool) -> Result<File, String> {
         ));
     }
     // Emptied only once it is ours: another run may be writing it.
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|err| format!("cannot create {shown}: {err}"))?;
-    resume::lock(&file, path)?;
+    let file = resume::open_locked(
+        path,
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false),
+    )?;
     file.set_len(0)
         .map_err(|err| format!("cannot empty {shown}: {err}"))?;
     Ok(file)

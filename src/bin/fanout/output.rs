@@ -90,14 +90,16 @@ impl Lines {
         Ok(())
     }
 
-    /// Writes out the rest and, for a file, waits until it is on disk.
-    pub(crate) fn finish(mut self) -> io::Result<()> {
+    /// Writes out the rest and, for a file, waits until it is on disk. Gives the file
+    /// back, still open (and so still locked).
+    pub(crate) fn finish(mut self) -> io::Result<Option<File>> {
         self.flush()?;
         match &self.file {
             // Devices and pipes (`-o /dev/stdout`) have nothing to sync.
-            Some(file) if file.metadata()?.is_file() => file.sync_data(),
-            _ => Ok(()),
+            Some(file) if file.metadata()?.is_file() => file.sync_data()?,
+            _ => {}
         }
+        Ok(self.file)
     }
 }
 

@@ -59,18 +59,20 @@ impl Failures {
     /// Removes the lines of the failed ids that have new lines, rewriting the file;
     /// returns how many. Until this runs (a run killed first), the next resume sees
     /// both lines of such an id and keeps the newer.
-    pub(crate) fn compact(mut self) -> Result<usize, String> {
+    ///
+    /// `file` is the output file, still open and locked: the lock must be held until
+    /// the rewrite is in place.
+    pub(crate) fn compact(mut self, file: &File) -> Result<usize, String> {
         if self.replaced.is_empty() {
             return Ok(0);
         }
         let shown = self.path.display();
-        let file = File::open(&self.path).map_err(|err| format!("cannot open {shown}: {err}"))?;
         let end = file
             .metadata()
             .map_err(|err| format!("cannot read {shown}: {err}"))?
             .len();
         self.replaced.sort_by_key(|line| line.start);
-        rewrite(&self.path, &file, end, &self.replaced)
+        rewrite(&self.path, file, end, &self.replaced)
             .map_err(|err| format!("cannot rewrite {shown}: {err}"))?;
         Ok(self.replaced.len())
     }
@@ -88,13 +90,10 @@ impl Failures {
 /// touched.
 pub(crate) fn open(path: &Path, seen: &mut Seen) -> Result<Resumed, String> {
     let shown = path.display();
-    let file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .open(path)
-        .map_err(|err| format!("cannot open {shown}: {err}"))?;
-    lock(&file, path)?;
+    let file = open_locked(
+        path,
+        OpenOptions::new().read(true).append(true).create(true),
+    )?;
     // A link is followed: the file it leads to is rewritten, not the link replaced.
     let path = std::fs::canonicalize(path).map_err(|err| format!("cannot open {shown}: {err}"))?;
 
@@ -114,16 +113,18 @@ pub(crate) fn open(path: &Path, seen: &mut Seen) -> Result<Resumed, String> {
         }
         let read = read as u64;
         if line.last() != Some(&b'\n') {
-            // Cut off only what looks like the start of one of our lines: a file of
+            // Cut off only what is one of our lines, or the start of one: a file of
             // someone else's that lacks a final line break is not ours to shorten.
-            const START: &[u8] = b"{\"id\":";
-            if !(line.starts_with(START) || START.starts_with(&line)) {
-                return Err(format!(
-                    "{shown} ends in something that is not a line this command writes; \
-                     not resuming into it"
-                ));
+            match serde_json::from_slice::<Line>(&line) {
+                Ok(_) => break read,
+                Err(err) if err.is_eof() => break read,
+                Err(_) => {
+                    return Err(format!(
+                        "{shown} ends in something that is not a line this command \
+                         writes; not resuming into it"
+                    ));
+                }
             }
-            break read;
         }
         lines += 1;
         let parsed: Line = serde_json::from_slice(&line).map_err(|err| {
@@ -165,10 +166,8 @@ pub(crate) fn open(path: &Path, seen: &mut Seen) -> Result<Resumed, String> {
             let gone = before.checked_sub(1).map_or(0, |last| gone_before[last]);
             *line = line.start - gone..line.end - gone;
         }
-        let file = rewrite(&path, &file, at, &removed)
-            .map_err(|err| format!("cannot rewrite {shown}: {err}"))?;
-        lock(&file, &path)?;
-        file
+        rewrite(&path, &file, at, &removed)
+            .map_err(|err| format!("cannot rewrite {shown}: {err}"))?
     } else {
         if torn > 0 {
             file.set_len(at)
@@ -190,48 +189,115 @@ pub(crate) fn open(path: &Path, seen: &mut Seen) -> Result<Resumed, String> {
     })
 }
 
-/// Copies the first `end` bytes of `file` without the `removed` spans to a temporary
-/// file beside it, then renames that over `path`: at every moment `path` is the old
-/// file or the new one, whole.
+/// Copies the first `end` bytes of `file` without the `removed` spans (each a whole
+/// line of ours, or nothing is changed) to a new file beside it, locks that, and
+/// renames it over `path`: at every moment `path` is the old file or the new one,
+/// whole, and the lock never lapses. Returns the new file, open to append to.
 fn rewrite(path: &Path, file: &File, end: u64, removed: &[Range<u64>]) -> io::Result<File> {
-    let temporary = sibling(path);
-    let copied = copy_without(file, &temporary, end, removed);
-    if copied.is_err() {
+    let (temporary, out) = beside(path, file)?;
+    let written = lock(&out, &temporary)
+        .map_err(io::Error::other)
+        .and_then(|()| copy_without(file, &out, end, removed))
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(err) = written {
         let _ = std::fs::remove_file(&temporary);
+        return Err(err);
     }
-    copied?;
-    std::fs::rename(&temporary, path)?;
     if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         // The rename itself, on disk; not every platform lets a directory be synced.
         let _ = File::open(dir).and_then(|dir| dir.sync_all());
     }
-    OpenOptions::new().read(true).append(true).open(path)
+    Ok(out)
 }
 
-/// Writes the first `end` bytes of `file`, less the `removed` spans, to `to`, with the
-/// same permissions, and syncs it to disk.
-fn copy_without(file: &File, to: &Path, end: u64, removed: &[Range<u64>]) -> io::Result<()> {
-    let mut out = io::BufWriter::new(File::create(to)?);
-    out.get_ref()
-        .set_permissions(file.metadata()?.permissions())?;
+/// A new file beside `path`, with a name of its own and the permission bits of `file`
+/// from the start, open to read and append.
+fn beside(path: &Path, file: &File) -> io::Result<(PathBuf, File)> {
+    let mut options = OpenOptions::new();
+    options.read(true).append(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(file.metadata()?.permissions().mode() & 0o7777);
+    }
+    #[cfg(not(unix))]
+    let _ = file;
+    loop {
+        let mut name = path.file_name().unwrap_or_default().to_owned();
+        name.push(format!(".resume-{:016x}", fastrand::u64(..)));
+        let temporary = path.with_file_name(name);
+        match options.open(&temporary) {
+            Ok(out) => return Ok((temporary, out)),
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Writes the first `end` bytes of `file`, less the `removed` spans, to `out`, and
+/// syncs it to disk. A span that is not one whole line of ours (the file changed under
+/// us) stops the copy with an error.
+fn copy_without(file: &File, out: &File, end: u64, removed: &[Range<u64>]) -> io::Result<()> {
+    let mut out = io::BufWriter::with_capacity(256 * 1024, out);
     let mut input = BufReader::new(file);
     std::io::Seek::rewind(&mut input)?;
     let mut at = 0;
-    for span in removed.iter().chain(std::iter::once(&(end..end))) {
+    let mut line = Vec::new();
+    for span in removed {
         io::copy(&mut (&mut input).take(span.start - at), &mut out)?;
-        io::copy(
-            &mut (&mut input).take(span.end - span.start),
-            &mut io::sink(),
-        )?;
+        line.clear();
+        (&mut input)
+            .take(span.end - span.start)
+            .read_to_end(&mut line)?;
+        if line.last() != Some(&b'\n') || serde_json::from_slice::<Line>(&line).is_err() {
+            return Err(io::Error::other(
+                "the file changed while it was being rewritten; nothing was removed",
+            ));
+        }
         at = span.end;
     }
+    io::copy(&mut (&mut input).take(end - at), &mut out)?;
     out.into_inner()
         .map_err(io::IntoInnerError::into_error)?
         .sync_all()
 }
 
+/// Opens `path` with `options` for this run alone: locked, and still the file at
+/// `path` once locked (another run may have renamed a rewrite over it meanwhile, and
+/// a lock on the file it replaced would guard nothing).
+pub(crate) fn open_locked(path: &Path, options: &OpenOptions) -> Result<File, String> {
+    let shown = path.display();
+    for _ in 0..10 {
+        let file = options
+            .open(path)
+            .map_err(|err| format!("cannot open {shown}: {err}"))?;
+        lock(&file, path)?;
+        if is_at(&file, path) {
+            return Ok(file);
+        }
+    }
+    Err(format!("{shown} keeps being replaced by another program"))
+}
+
+/// Whether `file` is the file at `path` now.
+fn is_at(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        true
+    }
+}
+
 /// Takes the output file for this run alone, or says that another run has it.
-pub(crate) fn lock(file: &File, path: &Path) -> Result<(), String> {
+fn lock(file: &File, path: &Path) -> Result<(), String> {
     #[cfg(unix)]
     {
         use std::os::fd::AsRawFd;
@@ -251,13 +317,6 @@ pub(crate) fn lock(file: &File, path: &Path) -> Result<(), String> {
     #[cfg(not(unix))]
     let _ = (file, path);
     Ok(())
-}
-
-/// `path` with `.resume-tmp` added to its name.
-fn sibling(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(".resume-tmp");
-    path.with_file_name(name)
 }
 
 #[cfg(test)]
@@ -317,7 +376,8 @@ mod tests {
         std::fs::write(&path, format!("{OK1}{FAILED3}{OK2}{OK3}")).unwrap();
         failures.written(&Id::Text("b".into()));
         failures.written(&Id::Number(3.into()));
-        assert_eq!(failures.compact(), Ok(1));
+        let file = File::open(&path).unwrap();
+        assert_eq!(failures.compact(&file), Ok(1));
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             format!("{OK1}{OK2}{OK3}")
@@ -335,8 +395,9 @@ mod tests {
         // The kept failure's line moved up; compacting still finds it.
         let mut failures = outcome.failures.take().unwrap();
         failures.written(&Id::Number(3.into()));
-        assert_eq!(failures.compact(), Ok(1));
         let path = outcome.dir.join("out.ndjson");
+        let file = File::open(&path).unwrap();
+        assert_eq!(failures.compact(&file), Ok(1));
         assert_eq!(
             std::fs::read_to_string(path).unwrap(),
             format!("{OK1}{OK2}")
@@ -348,10 +409,35 @@ mod tests {
         let outcome = resume(&format!("{OK1}{OK2}{{\"id\":4,\"ok\":tr"));
         assert_eq!(outcome.result, Ok((2, 0, 15)));
         assert_eq!(outcome.after, format!("{OK1}{OK2}"));
+        // A whole line of ours that lost only its line break goes too: its id is
+        // fetched again.
+        let outcome = resume(&format!("{OK1}{}", OK2.trim_end()));
+        assert_eq!(outcome.result, Ok((1, 0, OK2.len() as u64 - 1)));
+        assert_eq!(outcome.after, OK1);
         // With a repeated line to remove as well.
         let outcome = resume(&format!("{OK1}{OK1}{{\"id\""));
         assert_eq!(outcome.result, Ok((1, 0, 5)));
         assert_eq!(outcome.after, OK1);
+    }
+
+    #[test]
+    fn a_file_changed_under_a_rewrite_is_left_as_it_is() {
+        let mut outcome = resume(&format!("{OK1}{FAILED3}{OK2}"));
+        let path = outcome.dir.join("out.ndjson");
+        let mut failures = outcome.failures.take().unwrap();
+        failures.written(&Id::Number(3.into()));
+        // Someone rewrote the file: the failure's line is no longer where it was.
+        let changed = format!("{OK2}{OK1}{FAILED3}");
+        std::fs::write(&path, &changed).unwrap();
+        let file = File::open(&path).unwrap();
+        let err = failures.compact(&file).unwrap_err();
+        assert!(
+            err.contains("changed while it was being rewritten"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), changed);
+        let names: Vec<_> = std::fs::read_dir(&outcome.dir).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file left behind");
     }
 
     #[test]
@@ -368,7 +454,12 @@ mod tests {
         assert!(outcome.result.as_ref().unwrap_err().contains("line 2 of"));
         assert_eq!(outcome.after, content);
         // Nor is one that merely lacks its last line break.
-        for content in ["{\"token\": \"x\"}", &format!("{OK1}precious")] {
+        let saved_record = "{\"id\":\"abc\",\"token\":\"x\"}";
+        for content in [
+            "{\"token\": \"x\"}",
+            saved_record,
+            &format!("{OK1}precious"),
+        ] {
             let outcome = resume(content);
             let err = outcome.result.as_ref().unwrap_err();
             assert!(err.contains("not a line this command writes"), "{err}");
