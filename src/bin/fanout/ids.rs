@@ -158,6 +158,19 @@ pub(crate) fn lines(
     ))
 }
 
+/// How many ids the file at `path` holds: its lines that are not blank.
+pub(crate) fn count(path: &Path) -> io::Result<u64> {
+    let mut input = io::BufReader::with_capacity(256 * 1024, std::fs::File::open(path)?);
+    let (mut line, mut ids) = (Vec::new(), 0);
+    while input.read_until(b'\n', &mut line)? > 0 {
+        if !line.trim_ascii().is_empty() {
+            ids += 1;
+        }
+        line.clear();
+    }
+    Ok(ids)
+}
+
 fn read_lines(
     name: &str,
     mut input: Box<dyn BufRead + Send>,

@@ -12,14 +12,14 @@ use std::num::NonZeroU32;
 use std::pin::pin;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
 use fanout::{BoxError, Error, FanOut, Pagination, Quota, RetryPolicy, RunStats};
 use futures::stream::{self, BoxStream};
 use futures::{StreamExt, TryStreamExt};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use serde_json::value::RawValue;
 
 use crate::args::Args;
@@ -76,22 +76,22 @@ struct Counts {
     skipped: AtomicU64,
     /// Ids handed to the fan-out.
     admitted: AtomicU64,
-    /// The input has ended.
-    ended: AtomicBool,
+    /// How many ids the input has (fetched or skipped), once known; 0 before.
+    total: AtomicU64,
 }
 
 async fn run(args: Args) -> Result<Ended, String> {
     let fan = build(&args)?;
     let notes = Notes { quiet: args.quiet };
     // The ids' source first: a mistake there must not touch the output.
-    let source = id_source(&args, &fan, &notes)?;
+    let counts = Arc::new(Counts::default());
+    let source = id_source(&args, &fan, &notes, &counts)?;
     let mut seen = Seen::default();
     let Output {
         mut lines,
         destination,
         mut failures,
     } = output(&args, &mut seen, &notes)?;
-    let counts = Arc::new(Counts::default());
     let batch = fan.fan_out_try_stream(first_times(source, seen, &counts));
     let progress = batch.progress();
     let mut outcomes = if args.ordered {
@@ -101,7 +101,7 @@ async fn run(args: Args) -> Result<Ended, String> {
     };
     // Lines going to the terminal would be drawn over by a bar.
     let lines_on_terminal = args.output.is_none() && std::io::stdout().is_terminal();
-    let bar = progress_bar(args.quiet || lines_on_terminal);
+    let mut bar = Bar::new(!args.quiet && !lines_on_terminal);
 
     let cannot_write = |err: std::io::Error| format!("cannot write {destination}: {err}");
     let (mut succeeded, mut failed) = (0u64, 0u64);
@@ -119,19 +119,15 @@ async fn run(args: Args) -> Result<Ended, String> {
                     if let Some(failures) = &mut failures {
                         failures.written(&id);
                     }
-                    bar.inc(1);
-                    if result.is_err() {
-                        bar.set_message(format!("{failed} failed"));
-                    }
                 }
                 // The input's failure, after every id before it.
                 Some(Err(err)) => input_error = Some(err),
             },
             _ = tick.tick() => {
                 lines.flush().map_err(cannot_write)?;
-                if counts.ended.load(Ordering::Relaxed) {
-                    bar.set_length(counts.admitted.load(Ordering::Relaxed));
-                }
+                let skipped = counts.skipped.load(Ordering::Relaxed);
+                let total = counts.total.load(Ordering::Relaxed);
+                bar.show(succeeded + failed + skipped, failed, (total > 0).then_some(total));
             }
             caught = &mut interrupt, if signals => match caught {
                 Ok(()) => break true,
@@ -151,7 +147,7 @@ async fn run(args: Args) -> Result<Ended, String> {
     }
     // Cancels whatever is still in flight.
     drop(outcomes);
-    bar.finish_and_clear();
+    bar.finish();
     let file = lines.finish().map_err(cannot_write)?;
     if let (Some(failures), Some(file)) = (failures, &file) {
         let removed = failures.compact(file).map_err(|err| {
@@ -207,10 +203,13 @@ impl Notes {
 }
 
 /// The ids, from the list endpoint, the ids file or standard input.
+/// An ids file is counted on a thread of its own meanwhile, for the progress bar's
+/// total.
 fn id_source(
     args: &Args,
     fan: &FanOut<Id, Record>,
     notes: &Notes,
+    counts: &Arc<Counts>,
 ) -> Result<BoxStream<'static, Result<Id, BoxError>>, String> {
     if args.list_url.is_some() {
         return Ok(fan.list_ids_stream().map_err(BoxError::from).boxed());
@@ -223,6 +222,20 @@ fn id_source(
         notes.say("reading ids from the terminal, one per line; Ctrl-D ends them");
     }
     let lines = ids::lines(path).map_err(|err| err.to_string())?;
+    if let Some(path) = path.map(std::path::Path::to_path_buf) {
+        let counts = Arc::clone(counts);
+        // Only a guess until the input ends, which sets the exact count.
+        let _ = std::thread::Builder::new()
+            .name("fanout-count".to_owned())
+            .spawn(move || {
+                if let Ok(ids) = ids::count(&path) {
+                    let _ =
+                        counts
+                            .total
+                            .compare_exchange(0, ids, Ordering::Relaxed, Ordering::Relaxed);
+                }
+            });
+    }
     Ok(lines.map_err(BoxError::from).boxed())
 }
 
@@ -271,7 +284,7 @@ fn output(args: &Args, seen: &mut Seen, notes: &Notes) -> Result<Output, String>
     })
 }
 
-/// The ids not in `seen` yet, each once, counted in `counts`; `counts.ended` is set
+/// The ids not in `seen` yet, each once, counted in `counts`; `counts.total` is set
 /// when the source ends.
 fn first_times(
     source: BoxStream<'static, Result<Id, BoxError>>,
@@ -291,7 +304,8 @@ fn first_times(
             std::future::ready(first)
         })
         .chain(stream::poll_fn(move |_| {
-            end.ended.store(true, Ordering::Relaxed);
+            let read = end.admitted.load(Ordering::Relaxed) + end.skipped.load(Ordering::Relaxed);
+            end.total.store(read, Ordering::Relaxed);
             std::task::Poll::Ready(None)
         }))
 }
@@ -398,19 +412,59 @@ fn create(path: &std::path::Path, overwrite: bool) -> Result<File, String> {
     Ok(file)
 }
 
-/// A bar on standard error when it is a terminal; hidden otherwise.
-fn progress_bar(quiet: bool) -> ProgressBar {
-    if quiet || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+/// The progress bar on standard error, when it is a terminal: ids done (fetched or
+/// skipped), out of the input's ids once their number is known.
+struct Bar {
+    bar: ProgressBar,
+    sized: bool,
+}
+
+impl Bar {
+    fn new(shown: bool) -> Self {
+        let bar = if shown && std::io::stderr().is_terminal() {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            bar.set_style(Self::style(
+                "{spinner} {elapsed_precise} {human_pos} ids  {rate}  {msg}",
+            ));
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        Bar { bar, sized: false }
     }
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template(
-        "{spinner} {elapsed_precise} {wide_bar} {human_pos}/{human_len} ids  {per_sec}  eta {eta}  {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
+
+    fn style(template: &str) -> ProgressStyle {
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_spinner())
+            .with_key(
+                "rate",
+                |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+                    let _ = write!(out, "{:.0}/s", state.per_sec());
+                },
+            )
+    }
+
+    fn show(&mut self, done: u64, failed: u64, total: Option<u64>) {
+        if let Some(total) = total {
+            self.bar.set_length(total);
+            if !self.sized {
+                self.sized = true;
+                self.bar.set_style(Self::style(
+                    "{spinner} {elapsed_precise} {wide_bar} {human_pos}/{human_len} ids  \
+                     {rate}  eta {eta}  {msg}",
+                ));
+            }
+        }
+        self.bar.set_position(done);
+        if failed > 0 {
+            self.bar.set_message(format!("{failed} failed"));
+        }
+    }
+
+    fn finish(self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 fn summary(stats: &RunStats, succeeded: u64, failed: u64, skipped: u64) {
