@@ -294,6 +294,8 @@ fn killed_at_half_then_resumed_every_id_is_in_the_file_exactly_once() {
     };
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    // Requests the killed run had sent reach the server's count before it is read.
+    std::thread::sleep(Duration::from_millis(200));
     let before: HashSet<String> = read_lines(&out)
         .iter()
         .map(|line| line["id"].as_str().unwrap().to_owned())
