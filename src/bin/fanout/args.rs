@@ -10,6 +10,8 @@ use clap::{ArgGroup, Parser};
 /// Ids come from a list endpoint (--list-url), a file (--ids-file, one per line) or
 /// standard input. Each line of output is {"id":…,"ok":true,"data":{…}} or
 /// {"id":…,"ok":false,"error":{"kind":…,"status":…,"message":…,"attempts":…}}.
+/// Each id is fetched once: the command remembers every id it has seen, in about 56
+/// bytes each.
 ///
 /// Exit status: 0 when every id succeeded, 2 when some failed, 1 when the run could
 /// not be made or finished (a usage or configuration error, the ids or the output
