@@ -178,18 +178,29 @@ fn a_rate_of_zero_is_refused() {
     assert!(err.to_string().contains("requests_per_second"), "{err}");
 }
 
-/// A limiter of the caller's own: refuses its first `refusals` requests for a token,
-/// then grants every one.
+/// A limiter of the caller's own that answers its first `first` requests for a token
+/// one way and every later one the other: it refuses first and then grants, or grants
+/// first and then refuses (the store went away).
 #[derive(Debug)]
 struct Flaky {
-    refusals: std::sync::atomic::AtomicU32,
+    first: std::sync::atomic::AtomicU32,
+    grants_first: bool,
     asked: std::sync::atomic::AtomicU32,
 }
 
 impl Flaky {
-    fn refusing(refusals: u32) -> Arc<Self> {
+    fn refusing(first: u32) -> Arc<Self> {
+        Self::new(first, false)
+    }
+
+    fn granting(first: u32) -> Arc<Self> {
+        Self::new(first, true)
+    }
+
+    fn new(first: u32, grants_first: bool) -> Arc<Self> {
         Arc::new(Flaky {
-            refusals: refusals.into(),
+            first: first.into(),
+            grants_first,
             asked: 0.into(),
         })
     }
@@ -203,15 +214,16 @@ impl fanout::RateLimit for Flaky {
     fn acquire(&self) -> fanout::Acquire<'_> {
         use std::sync::atomic::Ordering;
         self.asked.fetch_add(1, Ordering::SeqCst);
-        let refused = self
-            .refusals
+        let among_first = self
+            .first
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
+        let granted = among_first == self.grants_first;
         Box::pin(async move {
-            if refused {
-                Err(fanout::BoxError::from("the token store is down"))
-            } else {
+            if granted {
                 Ok(())
+            } else {
+                Err(fanout::BoxError::from("the token store is down"))
             }
         })
     }
@@ -286,31 +298,6 @@ async fn refusals_do_not_start_the_deadline() {
     assert!(started.elapsed() >= Duration::from_millis(240));
 }
 
-/// Grants its first `grants` tokens, then refuses every one.
-#[derive(Debug)]
-struct GoesAway(std::sync::atomic::AtomicU32);
-
-impl fanout::RateLimit for GoesAway {
-    fn try_acquire(&self) -> bool {
-        false
-    }
-
-    fn acquire(&self) -> fanout::Acquire<'_> {
-        use std::sync::atomic::Ordering;
-        let granted = self
-            .0
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        Box::pin(async move {
-            if granted {
-                Ok(())
-            } else {
-                Err(fanout::BoxError::from("the token store went away"))
-            }
-        })
-    }
-}
-
 /// An id whose deadline runs out while its limiter refuses ends with the limiter's
 /// error, not a timeout: a work queue must not take it for the id's own failure.
 #[tokio::test]
@@ -322,7 +309,7 @@ async fn a_deadline_passing_while_the_limiter_refuses_keeps_the_limiters_error()
         .await;
     let api = FanOut::<u32, Item>::builder()
         .detail_url(&format!("{}/items/{{id}}", server.uri()))
-        .rate_limiter(Arc::new(GoesAway(1.into())))
+        .rate_limiter(Flaky::granting(1))
         .retry(
             RetryPolicy::exponential()
                 .max_retries(5)

@@ -1,5 +1,6 @@
 //! The ids: as the list endpoint or the input gave them, and which of them to fetch.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
@@ -18,6 +19,16 @@ use tokio::sync::mpsc;
 pub(crate) enum Id {
     Number(serde_json::Number),
     Text(String),
+}
+
+impl Id {
+    /// Its `Display` form, borrowed where the id is text already (most are).
+    pub(crate) fn text(&self) -> Cow<'_, str> {
+        match self {
+            Id::Number(number) => Cow::Owned(number.to_string()),
+            Id::Text(text) => Cow::Borrowed(text),
+        }
+    }
 }
 
 impl fmt::Display for Id {
@@ -214,6 +225,8 @@ mod tests {
         assert_eq!(serde_json::to_string(&ids).unwrap(), r#"[7,"a b",-3]"#);
         let shown: Vec<String> = ids.iter().map(Id::to_string).collect();
         assert_eq!(shown, ["7", "a b", "-3"]);
+        let texts: Vec<Cow<'_, str>> = ids.iter().map(Id::text).collect();
+        assert_eq!(texts, shown);
         assert!(serde_json::from_str::<Id>("1.5").is_err());
         assert!(serde_json::from_str::<Id>("1.0").is_err());
         assert!(serde_json::from_str::<Id>("null").is_err());

@@ -83,9 +83,12 @@ struct Counts {
 async fn run(args: Args) -> Result<Ended, String> {
     let fan = build(&args)?;
     let notes = Notes { quiet: args.quiet };
+    // A bar on standard error, if it is a terminal that the lines do not go to too.
+    let lines_on_terminal = args.output.is_none() && std::io::stdout().is_terminal();
+    let show_bar = !args.quiet && !lines_on_terminal && std::io::stderr().is_terminal();
     // The ids' source first: a mistake there must not touch the output.
     let counts = Arc::new(Counts::default());
-    let source = id_source(&args, &fan, &notes, &counts)?;
+    let source = id_source(&args, &fan, &notes, show_bar.then_some(&counts))?;
     let mut seen = Seen::default();
     let Output {
         mut lines,
@@ -93,15 +96,13 @@ async fn run(args: Args) -> Result<Ended, String> {
         mut failures,
     } = output(&args, &mut seen, &notes)?;
     let batch = fan.fan_out_try_stream(first_times(source, seen, &counts));
+    let mut bar = Bar::new(show_bar);
     let progress = batch.progress();
     let mut outcomes = if args.ordered {
         batch.try_in_order().boxed()
     } else {
         batch.try_as_completed().boxed()
     };
-    // Lines going to the terminal would be drawn over by a bar.
-    let lines_on_terminal = args.output.is_none() && std::io::stdout().is_terminal();
-    let mut bar = Bar::new(!args.quiet && !lines_on_terminal);
 
     let cannot_write = |err: std::io::Error| format!("cannot write {destination}: {err}");
     let (mut succeeded, mut failed) = (0u64, 0u64);
@@ -203,13 +204,13 @@ impl Notes {
 }
 
 /// The ids, from the list endpoint, the ids file or standard input.
-/// An ids file is counted on a thread of its own meanwhile, for the progress bar's
-/// total.
+/// With `counts` (a progress bar is shown), an ids file is counted on a thread of its
+/// own meanwhile, for the bar's total.
 fn id_source(
     args: &Args,
     fan: &FanOut<Id, Record>,
     notes: &Notes,
-    counts: &Arc<Counts>,
+    counts: Option<&Arc<Counts>>,
 ) -> Result<BoxStream<'static, Result<Id, BoxError>>, String> {
     if args.list_url.is_some() {
         return Ok(fan.list_ids_stream().map_err(BoxError::from).boxed());
@@ -222,7 +223,7 @@ fn id_source(
         notes.say("reading ids from the terminal, one per line; Ctrl-D ends them");
     }
     let lines = ids::lines(path).map_err(|err| err.to_string())?;
-    if let Some(path) = path.map(std::path::Path::to_path_buf) {
+    if let (Some(path), Some(counts)) = (path.map(std::path::Path::to_path_buf), counts) {
         let counts = Arc::clone(counts);
         // Only a guess until the input ends, which sets the exact count.
         let _ = std::thread::Builder::new()
@@ -278,7 +279,7 @@ fn output(args: &Args, seen: &mut Seen, notes: &Notes) -> Result<Output, String>
         (create(path, args.overwrite)?, None)
     };
     Ok(Output {
-        lines: Lines::file(file).map_err(|err| format!("cannot write {shown}: {err}"))?,
+        lines: Lines::file(file),
         destination: shown,
         failures,
     })
@@ -294,7 +295,7 @@ fn first_times(
     let (counted, end) = (Arc::clone(counts), Arc::clone(counts));
     source
         .try_filter(move |id| {
-            let first = seen.insert(&id.to_string());
+            let first = seen.insert(&id.text());
             let count = if first {
                 &counted.admitted
             } else {
@@ -412,7 +413,7 @@ fn create(path: &std::path::Path, overwrite: bool) -> Result<File, String> {
     Ok(file)
 }
 
-/// The progress bar on standard error, when it is a terminal: ids done (fetched or
+/// The progress bar on standard error, when shown: ids done (fetched or
 /// skipped), out of the input's ids once their number is known.
 struct Bar {
     bar: ProgressBar,
@@ -421,7 +422,7 @@ struct Bar {
 
 impl Bar {
     fn new(shown: bool) -> Self {
-        let bar = if shown && std::io::stderr().is_terminal() {
+        let bar = if shown {
             let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
             bar.set_style(Self::style(
                 "{spinner} {elapsed_precise} {human_pos} ids  {rate}  {msg}",

@@ -2,48 +2,45 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fanout::Error;
 use serde_json::value::RawValue;
 
 use crate::ids::Id;
 
-/// Lines are handed to the file or stream at least this often (and whenever this many
-/// bytes are waiting), so that a killed run loses little.
+/// How often the run hands the lines waiting to the file or stream (they also go
+/// whenever 64 KiB are waiting), so that a killed run loses little.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(200);
 const FLUSH_BYTES: usize = 64 * 1024;
 
 /// Where the lines go. Lines wait in a buffer that is written out only up to its last
 /// complete line, so a crash leaves at most a torn last line, which `--resume` removes.
 pub(crate) struct Lines {
-    out: Box<dyn Write + Send>,
-    /// The output file, synced to disk at the end; `None` for standard output.
-    file: Option<File>,
+    target: Target,
     buffer: Vec<u8>,
-    flushed: Instant,
-    /// Every line is written at once (standard output on a terminal).
-    eager: bool,
+}
+
+enum Target {
+    /// Synced to disk at the end.
+    File(File),
+    /// Written line by line when `eager` (a terminal).
+    Stdout { eager: bool },
 }
 
 impl Lines {
-    pub(crate) fn file(file: File) -> io::Result<Self> {
-        Ok(Lines {
-            out: Box::new(file.try_clone()?),
-            file: Some(file),
-            buffer: Vec::with_capacity(FLUSH_BYTES),
-            flushed: Instant::now(),
-            eager: false,
-        })
+    pub(crate) fn file(file: File) -> Self {
+        Self::to(Target::File(file))
     }
 
     pub(crate) fn stdout(eager: bool) -> Self {
+        Self::to(Target::Stdout { eager })
+    }
+
+    fn to(target: Target) -> Self {
         Lines {
-            out: Box::new(io::stdout()),
-            file: None,
+            target,
             buffer: Vec::with_capacity(FLUSH_BYTES),
-            flushed: Instant::now(),
-            eager,
         }
     }
 
@@ -73,7 +70,8 @@ impl Lines {
             }
         }
         line.extend_from_slice(b"}\n");
-        if self.eager || self.buffer.len() >= FLUSH_BYTES || self.flushed.elapsed() >= FLUSH_EVERY {
+        let eager = matches!(self.target, Target::Stdout { eager: true });
+        if eager || self.buffer.len() >= FLUSH_BYTES {
             self.flush()?;
         }
         Ok(())
@@ -81,12 +79,18 @@ impl Lines {
 
     /// Writes out the lines waiting, if any.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
-        if !self.buffer.is_empty() {
-            self.out.write_all(&self.buffer)?;
-            self.out.flush()?;
-            self.buffer.clear();
+        if self.buffer.is_empty() {
+            return Ok(());
         }
-        self.flushed = Instant::now();
+        match &mut self.target {
+            Target::File(file) => file.write_all(&self.buffer)?,
+            Target::Stdout { .. } => {
+                let mut out = io::stdout().lock();
+                out.write_all(&self.buffer)?;
+                out.flush()?;
+            }
+        }
+        self.buffer.clear();
         Ok(())
     }
 
@@ -94,12 +98,16 @@ impl Lines {
     /// back, still open (and so still locked).
     pub(crate) fn finish(mut self) -> io::Result<Option<File>> {
         self.flush()?;
-        match &self.file {
+        match self.target {
             // Devices and pipes (`-o /dev/stdout`) have nothing to sync.
-            Some(file) if file.metadata()?.is_file() => file.sync_data()?,
-            _ => {}
+            Target::File(file) => {
+                if file.metadata()?.is_file() {
+                    file.sync_data()?;
+                }
+                Ok(Some(file))
+            }
+            Target::Stdout { .. } => Ok(None),
         }
-        Ok(self.file)
     }
 }
 

@@ -50,7 +50,7 @@ impl Failures {
     /// Notes that `id` has a new line: its old one, if it failed before, can go.
     pub(crate) fn written(&mut self, id: &Id) {
         if !self.lines.is_empty()
-            && let Some(line) = self.lines.remove(&self.keys.of(&id.to_string()))
+            && let Some(line) = self.lines.remove(&self.keys.of(&id.text()))
         {
             self.replaced.push(line);
         }
@@ -134,7 +134,7 @@ pub(crate) fn open(path: &Path, seen: &mut Seen) -> Result<Resumed, String> {
             )
         })?;
         let span = at..at + read;
-        let key = seen.keys().of(&parsed.id.to_string());
+        let key = seen.keys().of(&parsed.id.text());
         if parsed.ok {
             if seen.insert_key(key) {
                 done += 1;
